@@ -1,0 +1,58 @@
+"""moa_stream: Mixture-of-Agents streaming middleware for OpenAI-compatible chat-completion clients.
+
+`wrap()` an `openai.AsyncOpenAI` and keep using it as before: every chat call is metered at the
+HTTP transport and reported as events and per-turn trace records.
+"""
+
+from __future__ import annotations
+
+from ._dispatch import Sink, SinkStats
+from ._events import (
+    CallOutput,
+    CallRecord,
+    CallStatus,
+    CallUsage,
+    Event,
+    OutputSource,
+    Role,
+    ToolCall,
+    TurnEnd,
+    TurnTrace,
+    UsageSource,
+    event_decoder,
+    event_encoder,
+)
+from ._meter import Engine
+from ._pricing import ModelPrice, PriceTable
+from ._session import SESSION_HEADER, current_session, sanitize_session_id, session
+from ._traces import read_traces
+from ._wrap import engine_of, flush, wrap
+
+__all__ = [
+    "CallOutput",
+    "CallRecord",
+    "CallStatus",
+    "CallUsage",
+    "Engine",
+    "Event",
+    "ModelPrice",
+    "OutputSource",
+    "PriceTable",
+    "Role",
+    "SESSION_HEADER",
+    "Sink",
+    "SinkStats",
+    "ToolCall",
+    "TurnEnd",
+    "TurnTrace",
+    "UsageSource",
+    "current_session",
+    "engine_of",
+    "event_decoder",
+    "event_encoder",
+    "flush",
+    "read_traces",
+    "sanitize_session_id",
+    "session",
+    "wrap",
+]

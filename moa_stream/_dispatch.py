@@ -1,0 +1,249 @@
+"""Delivery of events to sinks, off the caller's event loop.
+
+Events are handed over with a non-blocking `offer()` from whatever thread finalizes a call, and are
+delivered by a daemon thread that runs its own event loop: a slow, blocking or raising sink never
+touches the caller's loop, and the dispatcher survives the caller's loop ending (scripts that call
+`asyncio.run` twice, one loop per test). Each sink has its own bounded buffer; when it is full the
+event is dropped for that sink and counted, never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import inspect
+import logging
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ._events import Event
+
+logger = logging.getLogger("moa_stream")
+
+Sink = Callable[[Event], None] | Callable[[Event], Awaitable[None]]
+"""A sink: any callable taking one event, sync (run in a worker thread) or async."""
+
+DEFAULT_SINK_BUFFER = 10_000
+"""Events buffered per sink before new ones are dropped for it."""
+
+
+class SinkStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Delivery counts of one sink."""
+
+    name: str
+    delivered: int
+    """Events the sink returned from without raising."""
+    failed: int
+    """Events the sink raised on (logged once per sink, then counted)."""
+    dropped: int
+    """Events dropped because the sink's buffer was full."""
+
+
+class _Marker:
+    """Travels through a sink's buffer behind the events before it: set once they are handled."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+
+
+class _SinkRunner:
+    def __init__(self, sink: Sink, name: str, buffer: int) -> None:
+        self.sink = sink
+        self.name = name
+        self.is_async = inspect.iscoroutinefunction(sink) or inspect.iscoroutinefunction(type(sink).__call__)
+        self.send: MemoryObjectSendStream[Event | _Marker]
+        self.receive: MemoryObjectReceiveStream[Event | _Marker]
+        self.send, self.receive = anyio.create_memory_object_stream(buffer)
+        self.delivered = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def offer(self, event: Event) -> None:
+        try:
+            self.send.send_nowait(event)
+        except anyio.WouldBlock:
+            self.dropped += 1
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.dropped += 1
+
+    async def run(self) -> None:
+        async with self.receive:
+            async for item in self.receive:
+                if isinstance(item, _Marker):
+                    item.done.set()
+                    continue
+                try:
+                    if self.is_async:
+                        await self.sink(item)  # type: ignore[misc]
+                    else:
+                        await anyio.to_thread.run_sync(self.sink, item)
+                except Exception:
+                    if self.failed == 0:
+                        logger.exception("moa_stream sink %s raised; its failures are now counted", self.name)
+                    self.failed += 1
+                else:
+                    self.delivered += 1
+
+    def stats(self) -> SinkStats:
+        return SinkStats(name=self.name, delivered=self.delivered, failed=self.failed, dropped=self.dropped)
+
+
+class Dispatcher:
+    """Fans events out to sinks on a background thread; started on the first sink, stopped by aclose."""
+
+    def __init__(self, *, buffer: int = DEFAULT_SINK_BUFFER) -> None:
+        if buffer < 1:
+            raise ValueError(f"sink buffer must be at least 1, got {buffer}")
+        self._buffer = buffer
+        self._lock = threading.Lock()
+        self._runners: list[_SinkRunner] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._closed = False
+        self.dropped_after_close = 0
+
+    # -- caller side (any thread) ---------------------------------------------------------------
+
+    def add_sink(self, sink: Sink, *, name: str | None = None) -> None:
+        if not callable(sink):
+            raise TypeError(f"a sink must be callable, got {type(sink).__name__}")
+        runner = _SinkRunner(sink, name or _sink_name(sink), self._buffer)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot add a sink: the dispatcher is closed")
+            self._runners.append(runner)
+            loop = self._ensure_started()
+        # Starting a task needs a task context, which a plain loop callback does not have.
+        asyncio.run_coroutine_threadsafe(self._start_runner(runner), loop)
+
+    def offer(self, event: Event) -> None:
+        """Hand an event over without waiting; never raises."""
+        loop = self._loop
+        if loop is None or self._closed:
+            if self._closed:
+                self.dropped_after_close += 1
+            return
+        try:
+            loop.call_soon_threadsafe(self._fan_out, event)
+        except RuntimeError:  # the loop has stopped under us (interpreter exit)
+            self.dropped_after_close += 1
+
+    def stats(self) -> list[SinkStats]:
+        return [runner.stats() for runner in list(self._runners)]
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every event offered so far was handled by every sink; False on timeout."""
+        future = self._submit_flush(timeout)
+        if future is None:
+            return True
+        return await anyio.to_thread.run_sync(future.result)
+
+    def flush_blocking(self, timeout: float = 10.0) -> bool:
+        future = self._submit_flush(timeout)
+        return True if future is None else future.result()
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Flush, then stop the thread. Idempotent; later events are counted as dropped."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close_blocking, timeout)
+
+    def _close_blocking(self, timeout: float) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop, thread, stop = self._loop, self._thread, self._stop
+        if loop is None or thread is None or stop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._flush(timeout), loop).result()
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:
+            return  # loop already gone
+        thread.join(timeout)
+
+    def _submit_flush(self, timeout: float) -> Future[bool] | None:
+        loop = self._loop
+        if loop is None or self._closed:
+            return None
+        try:
+            return asyncio.run_coroutine_threadsafe(self._flush(timeout), loop)
+        except RuntimeError:
+            return None
+
+    # -- dispatcher thread ----------------------------------------------------------------------
+
+    def _ensure_started(self) -> asyncio.AbstractEventLoop:
+        if self._loop is not None:
+            return self._loop
+        ready = threading.Event()
+        thread = threading.Thread(target=self._thread_main, args=(ready,), name="moa-stream-sinks", daemon=True)
+        thread.start()
+        ready.wait()
+        assert self._loop is not None
+        self._thread = thread
+        _live.add(self)
+        return self._loop
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with anyio.create_task_group() as task_group:
+                self._task_group = task_group
+                ready.set()
+                await self._stop.wait()
+                for runner in self._runners:
+                    runner.send.close()
+
+        anyio.run(main, backend="asyncio")
+
+    async def _start_runner(self, runner: _SinkRunner) -> None:
+        assert self._task_group is not None
+        self._task_group.start_soon(runner.run, name=f"moa-stream sink {runner.name}")
+
+    def _fan_out(self, event: Event) -> None:
+        for runner in self._runners:
+            runner.offer(event)
+
+    async def _flush(self, timeout: float) -> bool:
+        markers = []
+        with anyio.move_on_after(timeout):
+            for runner in list(self._runners):
+                marker = _Marker()
+                # A marker is never dropped: waiting for buffer room is what a flush is for.
+                await runner.send.send(marker)
+                markers.append(marker)
+            for marker in markers:
+                await marker.done.wait()
+            return True
+        return False
+
+
+def _sink_name(sink: Any) -> str:
+    name = getattr(sink, "__qualname__", None) or type(sink).__qualname__
+    return str(name)
+
+
+# Dispatchers still running at interpreter exit get a short chance to deliver what they hold.
+_live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for dispatcher in list(_live):
+        try:
+            dispatcher._close_blocking(timeout=2.0)
+        except Exception:  # never turn interpreter exit into a traceback
+            logger.debug("moa_stream: flush at exit failed", exc_info=True)

@@ -1,0 +1,170 @@
+"""Events and trace records: what moa_stream reports about every upstream call and every turn.
+
+They are frozen msgspec Structs tagged by a `type` field, so a JSONL stream of them decodes back into
+the right classes with one `msgspec.json.Decoder(Event)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+Role = Literal["direct", "reference", "aggregator"]
+"""Why a call was made: a caller's own call, a MoA reference, or a MoA aggregator."""
+
+CallStatus = Literal["completed", "closed_early", "cancelled", "error"]
+"""How a call ended: the upstream finished its answer; the caller closed or abandoned the stream
+before that; the caller's task was cancelled; or an HTTP, connection or stream error."""
+
+UsageSource = Literal["reported", "estimated", "missing"]
+"""Where token counts come from: the upstream's usage data, our estimate from the text (the
+upstream sent none), or nowhere (the call failed before any output; the counts are None)."""
+
+OutputSource = Literal["inline", "inline_from_stream", "partial_stream", "none"]
+"""Where a call's recorded output came from: a non-streamed body, a stream read to its end, a stream
+that ended early, or nothing (no output was received)."""
+
+
+class _Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class CallUsage(_Record, tag="call_usage", tag_field="type", kw_only=True, frozen=True):
+    """One upstream call's usage, cost and timing, emitted exactly once when the call ends."""
+
+    call_id: str
+    """Unique id of this upstream call."""
+    turn_id: str
+    """The turn this call belongs to (a direct call is a turn of its own)."""
+    session_id: str
+    """Session the turn belongs to (see `moa_stream.session`)."""
+    role: Role
+    """`direct`, `reference` or `aggregator`."""
+    label: str
+    """Human-readable name of the call: the slot label for MoA calls, the model for direct ones."""
+    model: str
+    """Model as reported by the response (the requested model when the response named none)."""
+    provider: str
+    """Host of the upstream's base URL, e.g. `api.openai.com`."""
+    request_id: str | None = None
+    """The upstream's `x-request-id` response header."""
+    input_tokens: int | None = None
+    """Prompt tokens, cached ones included."""
+    cached_input_tokens: int | None = None
+    """Prompt tokens served from the provider's prompt cache."""
+    cache_write_tokens: int | None = None
+    """Prompt tokens written to the provider's prompt cache (providers that bill cache writes)."""
+    output_tokens: int | None = None
+    """Completion tokens, reasoning tokens included."""
+    reasoning_tokens: int | None = None
+    """Completion tokens spent on hidden reasoning."""
+    usage_source: UsageSource = "missing"
+    """`reported`, `estimated` or `missing`; see `UsageSource`."""
+    cost_usd: float | None = None
+    """Cost in USD from the price table; None when the model's price is unknown (never 0 for that)."""
+    started_at: float
+    """Unix time at which the request was sent."""
+    ttft_s: float | None = None
+    """Seconds from sending the request to the first output token (streams only)."""
+    duration_s: float
+    """Seconds from sending the request to the end of the call."""
+    finish_reason: str | None = None
+    """The upstream's finish_reason of the first choice (`stop`, `length`, `tool_calls`...)."""
+    status: CallStatus
+    """How the call ended; see `CallStatus`."""
+    error: str | None = None
+    """What went wrong, for status `error` (HTTP status and message, exception, stream error)."""
+    http_status: int | None = None
+    """HTTP status code of the upstream response (None when no response arrived)."""
+
+
+class TurnEnd(_Record, tag="turn_end", tag_field="type", kw_only=True, frozen=True):
+    """One turn's totals, emitted once after every call of the turn has ended."""
+
+    turn_id: str
+    """Unique id of the turn."""
+    session_id: str
+    """Session the turn belongs to."""
+    model: str
+    """What the caller asked for: a model name, or `moa:<preset>`."""
+    calls: int
+    """Number of upstream calls made in the turn."""
+    failed_calls: int
+    """Calls that ended with status `error`."""
+    input_tokens: int
+    """Sum of input tokens over the calls whose usage is known."""
+    cached_input_tokens: int
+    """Sum of cached input tokens."""
+    output_tokens: int
+    """Sum of output tokens (reasoning included)."""
+    reasoning_tokens: int
+    """Sum of reasoning tokens."""
+    usage_complete: bool
+    """False when some call's usage is `missing`, so the sums are lower bounds."""
+    cost_usd: float
+    """Sum of the calls' known costs."""
+    cost_complete: bool
+    """False when some call's cost is unknown, so `cost_usd` is a lower bound."""
+    started_at: float
+    """Unix time at which the turn started."""
+    ttft_s: float | None = None
+    """Seconds from the start of the turn to the first output token the caller received."""
+    duration_s: float
+    """Seconds from the start of the turn to its end."""
+    status: CallStatus
+    """Status of the call whose output the caller received."""
+
+
+class ToolCall(_Record, kw_only=True, frozen=True):
+    """A tool call assembled from its streamed fragments."""
+
+    index: int = 0
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class CallOutput(_Record, kw_only=True, frozen=True):
+    """What a model said in one call (the first choice)."""
+
+    text: str = ""
+    reasoning: str = ""
+    refusal: str = ""
+    tool_calls: list[ToolCall] = []
+
+
+class CallRecord(_Record, kw_only=True, frozen=True):
+    """One call inside a trace record: what the model saw and said, and how the call went."""
+
+    call_id: str
+    role: Role
+    label: str
+    model: str
+    provider: str
+    input_messages: list[Any]
+    """The messages exactly as sent upstream."""
+    output: CallOutput
+    output_source: OutputSource
+    finish_reason: str | None = None
+    usage: CallUsage
+    """The call's usage event (tokens, cost, timing, status, error)."""
+
+
+class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, frozen=True):
+    """One record per turn, appended to `<trace_dir>/<session_id>.jsonl`."""
+
+    turn_id: str
+    session_id: str
+    model: str
+    """What the caller asked for: a model name, or `moa:<preset>`."""
+    calls: list[CallRecord]
+    end: TurnEnd
+    """The turn's totals."""
+
+
+Event = CallUsage | TurnEnd | TurnTrace
+"""Everything a sink can receive."""
+
+event_encoder = msgspec.json.Encoder()
+event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)

@@ -1,0 +1,303 @@
+"""Turns and calls: the bookkeeping that turns upstream exchanges into exactly-once events."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from ._buffer import CallBuffer
+from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
+from ._events import (
+    CallRecord,
+    CallStatus,
+    CallUsage,
+    Event,
+    OutputSource,
+    Role,
+    TurnEnd,
+    TurnTrace,
+)
+from ._pricing import PriceTable
+from ._traces import TraceWriter
+from ._usage import resolve_tokens
+
+
+class Engine:
+    """Everything a wrapped client shares: prices, sinks, the trace writer, learned upstream quirks."""
+
+    def __init__(
+        self,
+        *,
+        prices: PriceTable,
+        sinks: Iterable[Sink] = (),
+        trace_dir: str | os.PathLike[str] | None = None,
+        sink_buffer: int = DEFAULT_SINK_BUFFER,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        if drain_timeout <= 0:
+            raise ValueError(f"drain_timeout must be positive, got {drain_timeout!r}")
+        self.prices = prices
+        self.drain_timeout = drain_timeout
+        self.dispatcher = Dispatcher(buffer=sink_buffer)
+        self.trace_writer = TraceWriter(trace_dir) if trace_dir is not None else None
+        # Upstreams (scheme://host:port) that answered 400 to `stream_options`: never sent it again.
+        self.rejects_stream_options: set[str] = set()
+        self.origin: object = None
+        """The client that was wrapped, kept alive because collecting it would close the shared pool."""
+        if self.trace_writer is not None:
+            self.dispatcher.add_sink(self.trace_writer, name="trace_writer")
+        for sink in sinks:
+            self.dispatcher.add_sink(sink)
+
+    def add_sink(self, sink: Sink, *, name: str | None = None) -> None:
+        """Deliver every later event to `sink` too (sync sinks run in a worker thread)."""
+        self.dispatcher.add_sink(sink, name=name)
+
+    def sink_stats(self) -> list[SinkStats]:
+        """Delivered, failed and dropped counts per sink (the trace writer included)."""
+        return self.dispatcher.stats()
+
+    async def flush(self) -> bool:
+        """Wait until every event so far reached every sink and every trace line is written."""
+        return await self.dispatcher.flush(self.drain_timeout)
+
+    async def aclose(self) -> None:
+        """Flush, then stop the sink thread. Idempotent."""
+        await self.dispatcher.aclose(self.drain_timeout)
+
+    def emit(self, event: Event) -> None:
+        self.dispatcher.offer(event)
+
+    def new_turn(self, *, session_id: str, model: str) -> Turn:
+        return Turn(self, session_id=session_id, model=model)
+
+
+class Turn:
+    """A caller's request: one or more upstream calls, closed by one `TurnEnd` and one `TurnTrace`.
+
+    The turn ends when it is sealed (no more calls will start) and its last call has ended.
+    """
+
+    def __init__(self, engine: Engine, *, session_id: str, model: str) -> None:
+        self.engine = engine
+        self.turn_id = uuid.uuid4().hex
+        self.session_id = session_id
+        self.model = model
+        self.started_at = time.time()
+        self._t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._open = 0
+        self._sealed = False
+        self._ended = False
+        self._records: list[CallRecord] = []
+        self._main: Call | None = None
+
+    def new_call(
+        self,
+        *,
+        role: Role,
+        label: str,
+        provider: str,
+        model: str,
+        input_messages: list[Any],
+        streamed: bool,
+        main: bool = False,
+    ) -> Call:
+        """Start a call; `main` marks the one whose output the caller receives."""
+        call = Call(
+            self,
+            role=role,
+            label=label,
+            provider=provider,
+            model=model,
+            input_messages=input_messages,
+            streamed=streamed,
+        )
+        with self._lock:
+            if self._sealed:
+                raise RuntimeError("a sealed turn cannot start calls")
+            self._open += 1
+            if main:
+                self._main = call
+        return call
+
+    def seal(self) -> None:
+        with self._lock:
+            self._sealed = True
+            end = self._open == 0 and not self._ended
+            self._ended = self._ended or end
+        if end:
+            self._end()
+
+    def _call_ended(self, record: CallRecord) -> None:
+        self.engine.emit(record.usage)
+        with self._lock:
+            self._records.append(record)
+            self._open -= 1
+            end = self._sealed and self._open == 0 and not self._ended
+            self._ended = self._ended or end
+        if end:
+            self._end()
+
+    def _end(self) -> None:
+        records = sorted(self._records, key=lambda r: r.usage.started_at)
+        usages = [r.usage for r in records]
+        main = self._main.usage if self._main is not None and self._main.usage is not None else None
+        end = TurnEnd(
+            turn_id=self.turn_id,
+            session_id=self.session_id,
+            model=self.model,
+            calls=len(usages),
+            failed_calls=sum(u.status == "error" for u in usages),
+            input_tokens=sum(u.input_tokens or 0 for u in usages),
+            cached_input_tokens=sum(u.cached_input_tokens or 0 for u in usages),
+            output_tokens=sum(u.output_tokens or 0 for u in usages),
+            reasoning_tokens=sum(u.reasoning_tokens or 0 for u in usages),
+            usage_complete=all(u.usage_source != "missing" for u in usages),
+            cost_usd=sum(u.cost_usd or 0.0 for u in usages),
+            cost_complete=all(u.cost_usd is not None for u in usages),
+            started_at=self.started_at,
+            ttft_s=None if main is None or main.ttft_s is None else main.ttft_s + (main.started_at - self.started_at),
+            duration_s=time.perf_counter() - self._t0,
+            status=main.status if main is not None else _worst(usages),
+        )
+        self.engine.emit(end)
+        self.engine.emit(
+            TurnTrace(turn_id=self.turn_id, session_id=self.session_id, model=self.model, calls=records, end=end)
+        )
+
+
+def _worst(usages: list[CallUsage]) -> CallStatus:
+    for status in ("error", "cancelled", "closed_early"):
+        if any(u.status == status for u in usages):
+            return status
+    return "completed"
+
+
+class Call:
+    """One upstream HTTP exchange. `end()` records it; only the first `end()` counts."""
+
+    __slots__ = (
+        "_t0",
+        "buffer",
+        "http_status",
+        "input_messages",
+        "label",
+        "model",
+        "provider",
+        "request_id",
+        "role",
+        "started_at",
+        "streamed",
+        "ttft_s",
+        "turn",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        turn: Turn,
+        *,
+        role: Role,
+        label: str,
+        provider: str,
+        model: str,
+        input_messages: list[Any],
+        streamed: bool,
+    ) -> None:
+        self.turn = turn
+        self.role: Role = role
+        self.label = label
+        self.provider = provider
+        self.model = model
+        self.input_messages = input_messages
+        self.streamed = streamed
+        self.buffer = CallBuffer()
+        self.started_at = time.time()
+        self._t0 = time.perf_counter()
+        self.ttft_s: float | None = None
+        self.http_status: int | None = None
+        self.request_id: str | None = None
+        self.usage: CallUsage | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.usage is not None
+
+    def first_output(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self._t0
+
+    def end(self, status: CallStatus, error: str | None = None) -> None:
+        """Record how the call ended and emit its `CallUsage`. Synchronous, so cancellation or a
+        garbage-collector finalizer can never interrupt it half-way."""
+        if self.usage is not None:
+            return
+        duration = time.perf_counter() - self._t0
+        buffer = self.buffer
+        if status == "error" and error is None:
+            error = buffer.error
+        tokens = resolve_tokens(
+            buffer,
+            self.input_messages,
+            got_response=self.http_status is not None and self.http_status < 400,
+            streamed=self.streamed,
+        )
+        model = buffer.model or self.model
+        prices = self.turn.engine.prices
+        self.usage = usage = CallUsage(
+            call_id=uuid.uuid4().hex,
+            turn_id=self.turn.turn_id,
+            session_id=self.turn.session_id,
+            role=self.role,
+            label=self.label,
+            model=model,
+            provider=self.provider,
+            request_id=self.request_id,
+            input_tokens=tokens.input,
+            cached_input_tokens=tokens.cached_input,
+            cache_write_tokens=tokens.cache_write,
+            output_tokens=tokens.output,
+            reasoning_tokens=tokens.reasoning,
+            usage_source=tokens.source,
+            cost_usd=prices.cost(
+                model if prices.lookup(model) is not None else self.model,
+                input_tokens=tokens.input,
+                output_tokens=tokens.output,
+                cached_input_tokens=tokens.cached_input,
+                cache_write_tokens=tokens.cache_write,
+                reasoning_tokens=tokens.reasoning,
+            ),
+            started_at=self.started_at,
+            ttft_s=self.ttft_s,
+            duration_s=duration,
+            finish_reason=buffer.finish_reason,
+            status=status,
+            error=error,
+            http_status=self.http_status,
+        )
+        record = CallRecord(
+            call_id=usage.call_id,
+            role=self.role,
+            label=self.label,
+            model=model,
+            provider=self.provider,
+            input_messages=self.input_messages,
+            output=buffer.output(),
+            output_source=_output_source(self.streamed, status, buffer.has_output()),
+            finish_reason=buffer.finish_reason,
+            usage=usage,
+        )
+        self.turn._call_ended(record)
+
+
+def _output_source(streamed: bool, status: CallStatus, has_output: bool) -> OutputSource:
+    if not has_output:
+        return "none"
+    if not streamed:
+        return "inline"
+    return "inline_from_stream" if status == "completed" else "partial_stream"

@@ -1,0 +1,86 @@
+"""`wrap()`: a real AsyncOpenAI whose HTTP transport meters every chat call."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import openai
+
+from ._dispatch import DEFAULT_SINK_BUFFER, Sink
+from ._httpcompat import module_of
+from ._meter import Engine
+from ._pricing import PriceInput, PriceTable
+from ._transport import MeteringTransport, metering_transport_class
+
+ClientT = TypeVar("ClientT", bound=openai.AsyncOpenAI)
+
+
+def wrap(
+    client: ClientT,
+    *,
+    sinks: Iterable[Sink] = (),
+    trace_dir: str | os.PathLike[str] | None = None,
+    prices: Mapping[str, PriceInput] | None = None,
+    price_file: str | os.PathLike[str] | None = None,
+    sink_buffer: int = DEFAULT_SINK_BUFFER,
+    drain_timeout: float = 10.0,
+) -> ClientT:
+    """Return a copy of `client` (same class, same options) whose chat calls are metered.
+
+    Every chat completion made through it, or through its `with_options()` copies, ends in one
+    `CallUsage` per upstream call and one `TurnEnd` and `TurnTrace` per turn, delivered to `sinks`
+    and, with `trace_dir`, appended to `<trace_dir>/<session_id>.jsonl`. `prices` (model name to a
+    `ModelPrice` or a LiteLLM-style dict) and `price_file` (a LiteLLM price JSON) extend the built-in
+    price table. `await client.close()` drains pending events before it returns. The original client
+    is left as it was, but shares its connection pool with the copy.
+    """
+    if not isinstance(client, openai.AsyncOpenAI):
+        raise TypeError(
+            f"moa_stream.wrap() needs an openai.AsyncOpenAI (or AsyncAzureOpenAI) instance, "
+            f"got {type(client).__module__}.{type(client).__qualname__}"
+        )
+    if find_engine(client) is not None:
+        raise ValueError("this client is already wrapped by moa_stream; wrap the original client once")
+    table = PriceTable.builtin()
+    if price_file is not None:
+        table = table.merged(PriceTable.from_litellm_file(price_file))
+    if prices:
+        table = table.updated(prices)
+    engine = Engine(
+        prices=table, sinks=sinks, trace_dir=trace_dir, sink_buffer=sink_buffer, drain_timeout=drain_timeout
+    )
+
+    http_client: Any = copy.copy(client._client)
+    transport_class = metering_transport_class(module_of(http_client))
+    # Keep the original client alive: its HTTP client closes the shared pool when collected.
+    engine.origin = client
+    http_client._transport = transport_class(http_client._transport, engine)
+    http_client._mounts = {
+        pattern: None if mounted is None else transport_class(mounted, engine)
+        for pattern, mounted in http_client._mounts.items()
+    }
+    return client.copy(http_client=http_client)
+
+
+def find_engine(client: openai.AsyncOpenAI) -> Engine | None:
+    transport = getattr(getattr(client, "_client", None), "_transport", None)
+    return transport.engine if isinstance(transport, MeteringTransport) else None
+
+
+def engine_of(client: openai.AsyncOpenAI) -> Engine:
+    """The engine behind a wrapped client: add sinks, read sink stats, flush events."""
+    engine = find_engine(client)
+    if engine is None:
+        raise ValueError(f"{type(client).__qualname__} instance is not wrapped by moa_stream.wrap()")
+    return engine
+
+
+async def flush(client: openai.AsyncOpenAI) -> bool:
+    """Wait until every event of `client` so far reached its sinks and trace files (without closing).
+
+    Returns False if a sink did not keep up within the client's `drain_timeout`.
+    """
+    return await engine_of(client).flush()
