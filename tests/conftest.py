@@ -1,0 +1,116 @@
+"""Shared fixtures: the embedded simulator in-process and over loopback HTTP, and an event log sink."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import openai
+import pytest
+
+import moa_stream
+from moa_stream._sim import Fault, SimModel, Simulator
+from moa_stream._sim_server import SimServer
+from moa_stream._sim_transport import sim_client
+
+E = TypeVar("E")
+
+MODELS = [
+    SimModel(name="sim-small"),
+    SimModel(name="sim-large", reply_tokens=40),
+    SimModel(name="sim-reasoner", reasoning_tokens=8),
+    SimModel(name="sim-slow", tokens_per_s=200.0),
+    SimModel(name="sim-stall", fault=Fault(kind="stall", after_chunks=3)),
+    SimModel(name="sim-nousage", fault=Fault(kind="no_usage")),
+]
+
+
+class EventLog:
+    """A sink that records events and lets a test wait for them without sleeping."""
+
+    def __init__(self) -> None:
+        self.events: list[moa_stream.Event] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, event: moa_stream.Event) -> None:
+        with self._changed:
+            self.events.append(event)
+            self._changed.notify_all()
+
+    def of(self, kind: type[E]) -> list[E]:
+        with self._changed:
+            return [e for e in self.events if isinstance(e, kind)]
+
+    async def wait_for(self, done: Callable[[EventLog], bool], timeout: float = 10.0) -> None:
+        def wait() -> bool:
+            with self._changed:
+                return self._changed.wait_for(lambda: done(self), timeout)
+
+        if not await anyio.to_thread.run_sync(wait):
+            raise AssertionError(f"events did not arrive in {timeout}s; have {self.events!r}")
+
+    async def wait_turns(self, count: int) -> None:
+        """Wait until `count` turns have ended (a turn's last events are TurnEnd then TurnTrace)."""
+        await self.wait_for(lambda log: len(log.of(moa_stream.TurnTrace)) >= count)
+
+
+class ServerThread:
+    """The simulator's loopback HTTP server on a thread of its own, so that fixtures stay synchronous."""
+
+    def __init__(self, simulator: Simulator) -> None:
+        self._simulator = simulator
+        self._ready = threading.Event()
+        self._stop: anyio.Event | None = None
+        self._token: Any = None
+        self.base_url = ""
+        self._thread = threading.Thread(target=anyio.run, args=(self._main,), daemon=True)
+
+    async def _main(self) -> None:
+        self._stop = anyio.Event()
+        self._token = anyio.lowlevel.current_token()
+        async with SimServer(self._simulator) as server:
+            self.base_url = server.base_url
+            self._ready.set()
+            await self._stop.wait()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._stop is not None
+        anyio.from_thread.run_sync(self._stop.set, token=self._token)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator(MODELS)
+
+
+@pytest.fixture(params=["inproc", "http"])
+def upstream(request: pytest.FixtureRequest, sim: Simulator) -> Iterator[openai.AsyncOpenAI]:
+    """A bare AsyncOpenAI talking to the simulator: in-process transport, or real HTTP over loopback."""
+    if request.param == "inproc":
+        yield sim_client(sim, max_retries=0)
+        return
+    with ServerThread(sim) as server:
+        yield openai.AsyncOpenAI(base_url=server.base_url, api_key="sim-key", max_retries=0)
+
+
+@pytest.fixture
+def log() -> EventLog:
+    return EventLog()
+
+
+@pytest.fixture
+async def client(upstream: openai.AsyncOpenAI, log: EventLog, tmp_path: Path) -> AsyncIterator[openai.AsyncOpenAI]:
+    wrapped = moa_stream.wrap(upstream, sinks=[log], trace_dir=tmp_path / "traces")
+    yield wrapped
+    await wrapped.close()
+
+

@@ -1,0 +1,142 @@
+"""Usage is requested on the caller's behalf, hidden again, estimated when absent, and priced."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+import moa_stream
+from moa_stream._sim import Simulator, sim_token_count
+
+from .conftest import EventLog
+
+USER = [{"role": "user", "content": "Tell me about streams"}]
+
+
+async def collect(stream: openai.AsyncStream[openai.types.chat.ChatCompletionChunk]) -> list[dict[str, object]]:
+    return [chunk.model_dump(exclude={"id", "created"}) async for chunk in stream]
+
+
+async def test_usage_is_requested_upstream_and_hidden_from_the_caller(
+    client: openai.AsyncOpenAI, upstream: openai.AsyncOpenAI, log: EventLog, sim: Simulator
+) -> None:
+    bare = await collect(await upstream.chat.completions.create(model="sim-small", messages=USER, stream=True))
+    teed = await collect(await client.chat.completions.create(model="sim-small", messages=USER, stream=True))
+    assert teed == bare  # what the caller sees is what the bare SDK shows
+    assert sim.requests_seen[-1]["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in sim.requests_seen[-2]
+    await log.wait_turns(1)
+    assert log.of(moa_stream.CallUsage)[0].usage_source == "reported"
+
+
+async def test_caller_who_asked_for_usage_sees_it_once(client: openai.AsyncOpenAI, log: EventLog) -> None:
+    chunks = await collect(
+        await client.chat.completions.create(
+            model="sim-small", messages=USER, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    usages = [c["usage"] for c in chunks if c["usage"] is not None]
+    assert len(usages) == 1
+    await log.wait_turns(1)
+    call = log.of(moa_stream.CallUsage)[0]
+    assert call.output_tokens == usages[0]["completion_tokens"]  # type: ignore[index]
+    assert call.input_tokens == usages[0]["prompt_tokens"]  # type: ignore[index]
+
+
+async def test_other_stream_options_are_kept(client: openai.AsyncOpenAI, sim: Simulator) -> None:
+    await collect(
+        await client.chat.completions.create(
+            model="sim-small", messages=USER, stream=True, extra_body={"stream_options": {"continuous_usage_stats": True}}
+        )
+    )
+    assert sim.requests_seen[-1]["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+
+
+async def test_upstream_rejecting_stream_options_is_retried_without_and_remembered(
+    client: openai.AsyncOpenAI, log: EventLog, sim: Simulator
+) -> None:
+    headers = {"x-sim-fault": "reject_stream_options"}
+    for _ in range(2):
+        stream = await client.chat.completions.create(model="sim-small", messages=USER, stream=True, extra_headers=headers)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    # first turn: rejected attempt + retry; second turn: no stream_options from the start
+    assert ["stream_options" in r for r in sim.requests_seen] == [True, False, False]
+    await log.wait_turns(2)
+    calls = log.of(moa_stream.CallUsage)
+    assert [c.status for c in calls] == ["completed", "completed"]
+    assert calls[0].usage_source == "estimated"
+    assert calls[0].output_tokens == sim_token_count(text)  # one word per streamed chunk
+
+
+async def test_server_without_usage_is_estimated_never_reported_as_zero(client: openai.AsyncOpenAI, log: EventLog) -> None:
+    stream = await client.chat.completions.create(model="sim-nousage", messages=USER, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    await client.chat.completions.create(model="sim-nousage", messages=USER)
+    await log.wait_turns(2)
+    streamed, whole = log.of(moa_stream.CallUsage)
+    assert streamed.usage_source == whole.usage_source == "estimated"
+    assert streamed.output_tokens == sim_token_count(text)
+    assert whole.output_tokens is not None and whole.output_tokens > 0
+    assert streamed.input_tokens is not None and streamed.input_tokens > 0
+
+
+async def test_reasoning_text_and_tokens_are_recorded(client: openai.AsyncOpenAI, log: EventLog) -> None:
+    stream = await client.chat.completions.create(model="sim-reasoner", messages=USER, stream=True)
+    async for _ in stream:
+        pass
+    await log.wait_turns(1)
+    call = log.of(moa_stream.CallUsage)[0]
+    record = log.of(moa_stream.TurnTrace)[0].calls[0]
+    assert call.reasoning_tokens == 8
+    assert sim_token_count(record.output.reasoning) == 8
+    assert record.output.text
+
+
+async def test_tool_calls_are_assembled_from_fragments(client: openai.AsyncOpenAI, log: EventLog) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+            },
+        }
+    ]
+    async with client.chat.completions.stream(model="sim-small", messages=USER, tools=tools) as stream:  # type: ignore[arg-type]
+        final = await stream.get_final_completion()
+    await log.wait_turns(1)
+    record = log.of(moa_stream.TurnTrace)[0].calls[0]
+    sdk_call = final.choices[0].message.tool_calls[0]  # type: ignore[index]
+    [ours] = record.output.tool_calls
+    assert (ours.id, ours.name, ours.arguments) == (sdk_call.id, sdk_call.function.name, sdk_call.function.arguments)  # type: ignore[union-attr]
+    assert set(json.loads(ours.arguments)) == {"city", "days"}
+    assert record.finish_reason == "tool_calls"
+
+
+async def test_cost_comes_from_the_price_table(upstream: openai.AsyncOpenAI, log: EventLog) -> None:
+    prices = {"sim-small": {"input_cost_per_token": 1e-6, "output_cost_per_token": 3e-6}}
+    client = moa_stream.wrap(upstream, sinks=[log], prices=prices)
+    await client.chat.completions.create(model="sim-small", messages=USER)
+    await client.chat.completions.create(model="unpriced-model", messages=USER)
+    await client.close()
+    priced, unpriced = log.of(moa_stream.CallUsage)
+    assert priced.cost_usd == pytest.approx(priced.input_tokens * 1e-6 + priced.output_tokens * 3e-6)  # type: ignore[operator]
+    assert unpriced.cost_usd is None
+    priced_end, unpriced_end = log.of(moa_stream.TurnEnd)
+    assert (priced_end.cost_complete, unpriced_end.cost_complete) == (True, False)
+
+
+async def test_session_header_names_the_session_and_is_not_sent_upstream(
+    client: openai.AsyncOpenAI, log: EventLog, sim: Simulator
+) -> None:
+    await client.chat.completions.create(model="sim-small", messages=USER, extra_headers={"X-MoA-Session": "s/../1"})
+    with moa_stream.session("from-context") as name:
+        await client.chat.completions.create(model="sim-small", messages=USER)
+    await log.wait_turns(2)
+    first, second = log.of(moa_stream.CallUsage)
+    assert first.session_id == moa_stream.sanitize_session_id("s/../1")
+    assert "/" not in first.session_id
+    assert second.session_id == name == "from-context"
+    assert all(moa_stream.SESSION_HEADER not in {k.lower() for k in h} for h in sim.headers_seen)
