@@ -115,10 +115,12 @@ class Dispatcher:
 
     # -- caller side (any thread) ---------------------------------------------------------------
 
-    def add_sink(self, sink: Sink, *, name: str | None = None) -> None:
+    def add_sink(self, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:
         if not callable(sink):
             raise TypeError(f"a sink must be callable, got {type(sink).__name__}")
-        runner = _SinkRunner(sink, name or _sink_name(sink), self._buffer)
+        if buffer is not None and buffer < 1:
+            raise ValueError(f"sink buffer must be at least 1, got {buffer}")
+        runner = _SinkRunner(sink, name or _sink_name(sink), buffer or self._buffer)
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot add a sink: the dispatcher is closed")

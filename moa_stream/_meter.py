@@ -53,9 +53,12 @@ class Engine:
         for sink in sinks:
             self.dispatcher.add_sink(sink)
 
-    def add_sink(self, sink: Sink, *, name: str | None = None) -> None:
-        """Deliver every later event to `sink` too (sync sinks run in a worker thread)."""
-        self.dispatcher.add_sink(sink, name=name)
+    def add_sink(self, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:
+        """Deliver every later event to `sink` too (sync sinks run in a worker thread).
+
+        `buffer` is how many events may wait for this sink before new ones are dropped for it.
+        """
+        self.dispatcher.add_sink(sink, name=name, buffer=buffer)
 
     def sink_stats(self) -> list[SinkStats]:
         """Delivered, failed and dropped counts per sink (the trace writer included)."""

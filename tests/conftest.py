@@ -112,5 +112,3 @@ async def client(upstream: openai.AsyncOpenAI, log: EventLog, tmp_path: Path) ->
     wrapped = moa_stream.wrap(upstream, sinks=[log], trace_dir=tmp_path / "traces")
     yield wrapped
     await wrapped.close()
-
-

@@ -48,7 +48,10 @@ async def test_caller_who_asked_for_usage_sees_it_once(client: openai.AsyncOpenA
 async def test_other_stream_options_are_kept(client: openai.AsyncOpenAI, sim: Simulator) -> None:
     await collect(
         await client.chat.completions.create(
-            model="sim-small", messages=USER, stream=True, extra_body={"stream_options": {"continuous_usage_stats": True}}
+            model="sim-small",
+            messages=USER,
+            stream=True,
+            extra_body={"stream_options": {"continuous_usage_stats": True}},
         )
     )
     assert sim.requests_seen[-1]["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
@@ -59,7 +62,9 @@ async def test_upstream_rejecting_stream_options_is_retried_without_and_remember
 ) -> None:
     headers = {"x-sim-fault": "reject_stream_options"}
     for _ in range(2):
-        stream = await client.chat.completions.create(model="sim-small", messages=USER, stream=True, extra_headers=headers)
+        stream = await client.chat.completions.create(
+            model="sim-small", messages=USER, stream=True, extra_headers=headers
+        )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     # first turn: rejected attempt + retry; second turn: no stream_options from the start
     assert ["stream_options" in r for r in sim.requests_seen] == [True, False, False]
@@ -70,7 +75,9 @@ async def test_upstream_rejecting_stream_options_is_retried_without_and_remember
     assert calls[0].output_tokens == sim_token_count(text)  # one word per streamed chunk
 
 
-async def test_server_without_usage_is_estimated_never_reported_as_zero(client: openai.AsyncOpenAI, log: EventLog) -> None:
+async def test_server_without_usage_is_estimated_never_reported_as_zero(
+    client: openai.AsyncOpenAI, log: EventLog
+) -> None:
     stream = await client.chat.completions.create(model="sim-nousage", messages=USER, stream=True)
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     await client.chat.completions.create(model="sim-nousage", messages=USER)
@@ -78,8 +85,10 @@ async def test_server_without_usage_is_estimated_never_reported_as_zero(client: 
     streamed, whole = log.of(moa_stream.CallUsage)
     assert streamed.usage_source == whole.usage_source == "estimated"
     assert streamed.output_tokens == sim_token_count(text)
-    assert whole.output_tokens is not None and whole.output_tokens > 0
-    assert streamed.input_tokens is not None and streamed.input_tokens > 0
+    assert whole.output_tokens is not None
+    assert whole.output_tokens > 0
+    assert streamed.input_tokens is not None
+    assert streamed.input_tokens > 0
 
 
 async def test_reasoning_text_and_tokens_are_recorded(client: openai.AsyncOpenAI, log: EventLog) -> None:
@@ -100,7 +109,10 @@ async def test_tool_calls_are_assembled_from_fragments(client: openai.AsyncOpenA
             "type": "function",
             "function": {
                 "name": "get_weather",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                },
             },
         }
     ]

@@ -1,0 +1,113 @@
+"""Sinks get every event off the caller's path: slow or failing sinks never touch the stream."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import openai
+
+import moa_stream
+
+from .conftest import EventLog
+
+USER = [{"role": "user", "content": "Tell me about streams"}]
+
+
+async def stream_once(client: openai.AsyncOpenAI) -> str:
+    stream = await client.chat.completions.create(model="sim-small", messages=USER, stream=True)
+    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+async def test_blocked_sink_does_not_hold_up_the_stream(upstream: openai.AsyncOpenAI, log: EventLog) -> None:
+    release = threading.Event()
+
+    def blocked(event: moa_stream.Event) -> None:
+        release.wait()
+
+    client = moa_stream.wrap(upstream, sinks=[blocked, log])
+    # If delivery were on the caller's path, these streams could never finish while the sink blocks.
+    for _ in range(3):
+        assert await stream_once(client)
+    await log.wait_turns(3)
+    release.set()
+    await client.close()
+    [blocked_stats, log_stats] = moa_stream.engine_of(client).sink_stats()
+    assert blocked_stats.delivered == log_stats.delivered == 9
+
+
+async def test_raising_sink_is_counted_and_others_still_receive(upstream: openai.AsyncOpenAI, log: EventLog) -> None:
+    def broken(event: moa_stream.Event) -> None:
+        raise RuntimeError("sink is down")
+
+    client = moa_stream.wrap(upstream, sinks=[broken, log])
+    assert await stream_once(client)
+    await client.close()
+    [broken_stats, log_stats] = moa_stream.engine_of(client).sink_stats()
+    assert (broken_stats.failed, broken_stats.delivered) == (3, 0)
+    assert log_stats.delivered == 3
+    assert len(log.of(moa_stream.CallUsage)) == 1
+
+
+async def test_full_sink_buffer_drops_and_counts(upstream: openai.AsyncOpenAI, log: EventLog) -> None:
+    release = threading.Event()
+
+    def blocked(event: moa_stream.Event) -> None:
+        release.wait()
+
+    client = moa_stream.wrap(upstream, sinks=[log])
+    moa_stream.engine_of(client).add_sink(blocked, name="blocked", buffer=2)
+    for _ in range(4):
+        assert await stream_once(client)
+    await log.wait_turns(4)  # every event has been fanned out to both sinks by now
+    release.set()
+    await client.close()
+    stats = {s.name: s for s in moa_stream.engine_of(client).sink_stats()}
+    # 12 events: at most one in the sink's hands and two buffered; the rest dropped and counted
+    assert stats["blocked"].delivered + stats["blocked"].dropped == 12
+    assert stats["blocked"].dropped >= 9
+    assert stats["blocked"].delivered >= 1
+    assert len(log.events) == 12
+
+
+async def test_async_sink_receives_events(upstream: openai.AsyncOpenAI) -> None:
+    received: list[moa_stream.Event] = []
+
+    async def sink(event: moa_stream.Event) -> None:
+        await anyio.lowlevel.checkpoint()
+        received.append(event)
+
+    client = moa_stream.wrap(upstream, sinks=[sink])
+    await stream_once(client)
+    await client.close()
+    assert [type(e) for e in received] == [moa_stream.CallUsage, moa_stream.TurnEnd, moa_stream.TurnTrace]
+
+
+async def test_sink_added_later_receives_later_events(upstream: openai.AsyncOpenAI, log: EventLog) -> None:
+    client = moa_stream.wrap(upstream)
+    await stream_once(client)
+    moa_stream.engine_of(client).add_sink(log)
+    await stream_once(client)
+    await client.close()
+    assert len(log.of(moa_stream.CallUsage)) == 1
+
+
+async def test_flush_delivers_without_closing(upstream: openai.AsyncOpenAI) -> None:
+    received: list[moa_stream.Event] = []
+    client = moa_stream.wrap(upstream, sinks=[received.append])
+    await stream_once(client)
+    assert await moa_stream.flush(client)
+    assert len(received) == 3
+    assert await stream_once(client)  # still usable
+    await client.close()
+    assert len(received) == 6
+
+
+async def test_close_is_idempotent_and_later_events_are_counted_as_dropped(upstream: openai.AsyncOpenAI) -> None:
+    received: list[moa_stream.Event] = []
+    client = moa_stream.wrap(upstream, sinks=[received.append])
+    await stream_once(client)
+    await client.close()
+    await client.close()
+    assert len(received) == 3
+    assert moa_stream.engine_of(client).dispatcher.dropped_after_close == 0

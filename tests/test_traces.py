@@ -1,0 +1,125 @@
+"""Trace records: one JSON line per turn, per session file, private, readable after a crash."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import openai
+import pytest
+
+import moa_stream
+
+USER = [{"role": "user", "content": "Tell me about streams"}]
+
+
+async def test_close_drains_trace_lines_to_the_session_file(upstream: openai.AsyncOpenAI, tmp_path: Path) -> None:
+    client = moa_stream.wrap(upstream, trace_dir=tmp_path)
+    with moa_stream.session("alice"):
+        stream = await client.chat.completions.create(model="sim-small", messages=USER, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await client.chat.completions.create(model="sim-large", messages=USER)
+    await client.close()
+    first, second = moa_stream.read_traces(tmp_path / "alice.jsonl")
+    assert first.calls[0].output.text == text
+    assert first.calls[0].input_messages == USER
+    assert first.end.calls == 1
+    assert second.calls[0].output_source == "inline"
+    assert second.model == "sim-large"
+
+
+async def test_trace_directory_and_files_are_private(upstream: openai.AsyncOpenAI, tmp_path: Path) -> None:
+    trace_dir = tmp_path / "traces"
+    client = moa_stream.wrap(upstream, trace_dir=trace_dir)
+    with moa_stream.session("bob"):
+        await client.chat.completions.create(model="sim-small", messages=USER)
+    await client.close()
+    assert stat.S_IMODE(trace_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((trace_dir / "bob.jsonl").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("hostile", ["../../etc/passwd", "/abs/path", "nul\x00byte", "x" * 500, ".hidden", ""])
+def test_session_ids_cannot_escape_the_trace_directory(hostile: str, tmp_path: Path) -> None:
+    safe = moa_stream.sanitize_session_id(hostile)
+    assert safe
+    assert len(safe) <= 100
+    assert "/" not in safe
+    assert "\x00" not in safe
+    assert not safe.startswith(".")
+    assert (tmp_path / f"{safe}.jsonl").resolve().parent == tmp_path.resolve()
+
+
+def test_distinct_ids_stay_distinct_after_sanitizing() -> None:
+    assert moa_stream.sanitize_session_id("a/b") != moa_stream.sanitize_session_id("a_b")
+    assert moa_stream.sanitize_session_id("plain-id_1.2") == "plain-id_1.2"
+
+
+def test_torn_final_line_is_skipped_but_a_torn_middle_line_is_an_error(tmp_path: Path) -> None:
+    end = moa_stream.TurnEnd(
+        turn_id="t",
+        session_id="s",
+        model="m",
+        calls=0,
+        failed_calls=0,
+        input_tokens=0,
+        cached_input_tokens=0,
+        output_tokens=0,
+        reasoning_tokens=0,
+        usage_complete=True,
+        cost_usd=0.0,
+        cost_complete=True,
+        started_at=0.0,
+        duration_s=0.0,
+        status="completed",
+    )
+    line = moa_stream.event_encoder.encode(
+        moa_stream.TurnTrace(turn_id="t", session_id="s", model="m", calls=[], end=end)
+    )
+    torn_end = tmp_path / "end.jsonl"
+    torn_end.write_bytes(line + b"\n" + line[:25])
+    assert len(list(moa_stream.read_traces(torn_end))) == 1
+    torn_middle = tmp_path / "middle.jsonl"
+    torn_middle.write_bytes(line[:25] + b"\n" + line + b"\n")
+    with pytest.raises(ValueError, match=r"middle\.jsonl:1"):
+        list(moa_stream.read_traces(torn_middle))
+
+
+def test_trace_dir_that_is_a_file_is_rejected_at_wrap(upstream: openai.AsyncOpenAI, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(ValueError, match="trace_dir"):
+        moa_stream.wrap(upstream, trace_dir=not_a_dir)
+
+
+def test_wrap_rejects_what_is_not_an_async_openai_client() -> None:
+    with pytest.raises(TypeError, match=r"got openai\.OpenAI$"):
+        moa_stream.wrap(openai.OpenAI(api_key="k"))  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="str"):
+        moa_stream.wrap("http://localhost")  # type: ignore[type-var]
+
+
+async def test_wrapping_twice_is_refused(upstream: openai.AsyncOpenAI) -> None:
+    client = moa_stream.wrap(upstream)
+    with pytest.raises(ValueError, match="already wrapped"):
+        moa_stream.wrap(client)
+    await client.close()
+
+
+async def test_azure_client_stays_azure(tmp_path: Path) -> None:
+    azure = openai.AsyncAzureOpenAI(api_key="k", api_version="2024-10-21", azure_endpoint="https://example.invalid")
+    client = moa_stream.wrap(azure)
+    assert isinstance(client, openai.AsyncAzureOpenAI)
+    assert moa_stream.engine_of(client) is not None
+    await client.close()
+
+
+def test_files_are_created_with_private_mode_even_with_a_permissive_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        from moa_stream._traces import TraceWriter
+
+        writer = TraceWriter(tmp_path / "t")
+        assert stat.S_IMODE(writer.directory.stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
