@@ -1,0 +1,46 @@
+"""The `moa-stream` command: `demo` and `sim`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moa-stream", description="Mixture-of-Agents streaming middleware")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="metered calls on the embedded simulator or a real endpoint")
+    demo.add_argument("--base-url", help="an OpenAI-compatible endpoint instead of the embedded simulator")
+    demo.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
+    demo.add_argument("--model", action="append", default=[], help="model to call (repeat for several)")
+    demo.add_argument("--trace-dir", type=Path, default=Path("traces"), help="where trace files go (default: traces)")
+
+    sim = commands.add_parser("sim", help="serve the embedded simulator over HTTP")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        anyio.run(
+            lambda: run_demo(base_url=args.base_url, api_key=args.api_key, models=args.model, trace_dir=args.trace_dir)
+        )
+        return 0
+    from ._sim import default_simulator
+    from ._sim_server import serve_forever
+
+    print(f"simulator on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(serve_forever, default_simulator(), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
