@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,11 +12,17 @@ import openai
 import pytest
 
 import moa_stream
+from moa_stream._httpcompat import default_module
 from moa_stream._sim import Fault, SimModel, Simulator
 from moa_stream._sim_server import SimServer
 from moa_stream._sim_transport import sim_client
 
 E = TypeVar("E")
+
+# What the bare SDK raises when a stream breaks mid-body: openai 3.x wraps the transport's error,
+# openai 2.x lets it through as it is.
+DROPPED_MID_STREAM = (openai.APIConnectionError, default_module().RemoteProtocolError)
+TIMED_OUT_MID_STREAM = (openai.APITimeoutError, default_module().ReadTimeout)
 
 MODELS = [
     SimModel(name="sim-small"),
@@ -81,6 +87,10 @@ class ServerThread:
         self._ready.wait(10)
         return self
 
+    def run(self, function: Callable[[], Awaitable[Any]]) -> Any:
+        """Run `function` on the server's event loop and wait for it (call from a worker thread)."""
+        return anyio.from_thread.run(function, token=self._token)
+
     def __exit__(self, *exc: object) -> None:
         assert self._stop is not None
         anyio.from_thread.run_sync(self._stop.set, token=self._token)
@@ -93,13 +103,36 @@ def sim() -> Simulator:
 
 
 @pytest.fixture(params=["inproc", "http"])
-def upstream(request: pytest.FixtureRequest, sim: Simulator) -> Iterator[openai.AsyncOpenAI]:
-    """A bare AsyncOpenAI talking to the simulator: in-process transport, or real HTTP over loopback."""
+def server(request: pytest.FixtureRequest, sim: Simulator) -> Iterator[ServerThread | None]:
+    """None for the in-process transport, else the simulator's HTTP server on loopback."""
     if request.param == "inproc":
-        yield sim_client(sim, max_retries=0)
+        yield None
         return
-    with ServerThread(sim) as server:
-        yield openai.AsyncOpenAI(base_url=server.base_url, api_key="sim-key", max_retries=0)
+    with ServerThread(sim) as running:
+        yield running
+
+
+@pytest.fixture
+def upstream(server: ServerThread | None, sim: Simulator) -> openai.AsyncOpenAI:
+    """A bare AsyncOpenAI talking to the simulator: in-process transport, or real HTTP over loopback."""
+    if server is None:
+        return sim_client(sim, max_retries=0)
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key="sim-key", max_retries=0)
+
+
+@pytest.fixture
+def sim_idle(server: ServerThread | None, sim: Simulator) -> Callable[[], Awaitable[None]]:
+    """Wait until the simulator has no response body open (over HTTP it notices a closed socket
+    on its own thread, a moment after the client closed it)."""
+
+    async def wait() -> None:
+        with anyio.fail_after(10):
+            if server is None:
+                await sim.wait_idle()
+            else:
+                await anyio.to_thread.run_sync(server.run, sim.wait_idle)
+
+    return wait
 
 
 @pytest.fixture

@@ -109,6 +109,7 @@ async def test_tool_calls_are_assembled_from_fragments(client: openai.AsyncOpenA
             "type": "function",
             "function": {
                 "name": "get_weather",
+                "strict": True,  # openai 2.x's .stream() parses only strict tools
                 "parameters": {
                     "type": "object",
                     "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
