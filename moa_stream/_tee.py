@@ -44,16 +44,13 @@ class TeeStream:
         self._done = False  # saw `[DONE]` or the end of the body
         self._closed = False
 
-    def __aiter__(self) -> TeeStream:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        # An async generator: cheaper per chunk than a coroutine per `__anext__`. The inner iterator
+        # is kept, so a second pass (the SDK draining after [DONE]) resumes where the first stopped.
         if self._iterator is None:
             self._iterator = self._inner.__aiter__()
-        return self
-
-    async def __anext__(self) -> bytes:
         iterator = self._iterator
-        if iterator is None:
-            iterator = self.__aiter__()._iterator
-            assert iterator is not None
+        take = self._feed if self._sse else self._record_body
         while True:
             try:
                 data = await iterator.__anext__()
@@ -61,14 +58,14 @@ class TeeStream:
                 self._at_end()
                 if self._pending:
                     tail, self._pending = self._pending, b""
-                    return tail
-                raise
+                    yield tail
+                return
             except BaseException as exc:
                 self._call.end(*_failure(exc))
                 raise
-            out = self._feed(data) if self._sse else self._record_body(data)
+            out = take(data)
             if out:
-                return out
+                yield out
 
     async def aclose(self) -> None:
         if self._closed:
@@ -94,6 +91,10 @@ class TeeStream:
     def _feed(self, data: bytes) -> bytes:
         if self._pending:
             data = self._pending + data
+            self._pending = b""
+        # The hot path: servers flush one whole single-line `data:` event per write.
+        if data.startswith(b"data: {") and data.find(b"\n") == len(data) - 2 and data.endswith(b"\n\n"):
+            return self._one_event(data)
         if b"\r" in data:
             ends = [m.end() for m in _EVENT_END.finditer(data)]
             cut = ends[-1] if ends else -1
@@ -106,6 +107,17 @@ class TeeStream:
         complete = data[:cut]
         self._pending = data[cut:]
         return self._parse_events(complete)
+
+    def _one_event(self, event: bytes) -> bytes:
+        call = self._call
+        buffer = call.buffer
+        outputs = buffer.output_chunks
+        chunk = buffer.add_chunk_json(event[6:-2])
+        if buffer.output_chunks != outputs and call.ttft_s is None:
+            call.first_output()
+        if self._strip_usage and chunk is not None and chunk.usage is not None and not chunk.choices:
+            return b""
+        return event
 
     def _parse_events(self, complete: bytes) -> bytes:
         buffer = self._call.buffer
