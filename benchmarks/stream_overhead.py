@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 import moa_stream
 from moa_stream._httpcompat import default_module
@@ -43,7 +44,7 @@ sim = Simulator([SimModel(name=f"bench-{n}", reply_tokens=n) for n in sizes])
 anyio.run(serve_forever, sim, "127.0.0.1", int(sys.argv[1]))
 """
 
-MESSAGES = [{"role": "user", "content": "Count for me"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count for me"}]
 
 
 def free_port() -> int:
@@ -90,7 +91,7 @@ async def floor_reader(http: Any, base_url: str, model: str) -> int:
 
 async def sdk_reader(client: openai.AsyncOpenAI, model: str) -> int:
     chunks = 0
-    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     async with stream:
         async for _ in stream:
             chunks += 1
