@@ -33,13 +33,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             lambda: run_demo(base_url=args.base_url, api_key=args.api_key, models=args.model, trace_dir=args.trace_dir)
         )
         return 0
-    from ._sim import default_simulator
-    from ._sim_server import serve_forever
-
-    print(f"simulator on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", file=sys.stderr, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(serve_forever, default_simulator(), args.host, args.port)
+        anyio.run(_serve_simulator, args.host, args.port)
     return 0
+
+
+async def _serve_simulator(host: str, port: int) -> None:
+    from ._sim import default_simulator
+    from ._sim_server import SimServer
+
+    async with SimServer(default_simulator(), host=host, port=port) as server:
+        print(f"simulator listening on {server.base_url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        await anyio.sleep_forever()
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import openai
 
 import moa_stream
 from moa_stream._demo import run_demo
@@ -40,3 +43,44 @@ async def test_demo_against_a_server_given_by_base_url(tmp_path: Path) -> None:
     assert all(c.provider == "127.0.0.1" for c in calls)
     assert "sim-large" in out.getvalue()
     assert (tmp_path / "demo.jsonl").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_sim_command_serves_the_simulator_over_http() -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moa_stream", "sim", "--port", str(port)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stderr is not None
+        assert f"http://127.0.0.1:{port}/v1" in server.stderr.readline()  # printed once it is listening
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0) as client:
+            reply = client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "hi"}])
+        assert reply.model == "sim-small"
+        assert reply.usage is not None
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_events_held_at_interpreter_exit_are_delivered(tmp_path: Path) -> None:
+    # The client is never closed: the exit hook still drains the trace line.
+    script = """
+import asyncio, sys, moa_stream
+from moa_stream._sim_transport import sim_client
+
+async def main():
+    client = moa_stream.wrap(sim_client(), trace_dir=sys.argv[1])
+    with moa_stream.session("exit"):
+        await client.chat.completions.create(model="sim-fast", messages=[{"role": "user", "content": "hi"}])
+
+asyncio.run(main())
+"""
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
+    [trace] = moa_stream.read_traces(tmp_path / "exit.jsonl")
+    assert trace.end.status == "completed"
