@@ -120,33 +120,49 @@ class ToolCall(_Record, kw_only=True, frozen=True):
     """A tool call assembled from its streamed fragments."""
 
     index: int = 0
+    """Position of the call in the model's list of tool calls."""
     id: str | None = None
+    """The provider's tool-call id, which the tool result must quote."""
     name: str | None = None
+    """Name of the function called."""
     arguments: str = ""
+    """The arguments as the model wrote them: a JSON string, not validated."""
 
 
 class CallOutput(_Record, kw_only=True, frozen=True):
     """What a model said in one call (the first choice)."""
 
     text: str = ""
+    """The content text."""
     reasoning: str = ""
+    """Reasoning text, where the server sends it (`reasoning_content` or `reasoning`)."""
     refusal: str = ""
+    """A refusal message, where the model sent one."""
     tool_calls: list[ToolCall] = []
+    """Tool calls, ordered by index."""
 
 
 class CallRecord(_Record, kw_only=True, frozen=True):
     """One call inside a trace record: what the model saw and said, and how the call went."""
 
     call_id: str
+    """Same as `usage.call_id`."""
     role: Role
+    """`direct`, `reference` or `aggregator`."""
     label: str
+    """The call's label (slot label, or the model for direct calls)."""
     model: str
+    """Model as reported by the response."""
     provider: str
+    """Host of the upstream's base URL."""
     input_messages: list[Any]
     """The messages exactly as sent upstream."""
     output: CallOutput
+    """What the model said (first choice)."""
     output_source: OutputSource
+    """`inline`, `inline_from_stream`, `partial_stream` or `none`; see `OutputSource`."""
     finish_reason: str | None = None
+    """The upstream's finish_reason, if it sent one."""
     usage: CallUsage
     """The call's usage event (tokens, cost, timing, status, error)."""
 
@@ -155,10 +171,13 @@ class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, froze
     """One record per turn, appended to `<trace_dir>/<session_id>.jsonl`."""
 
     turn_id: str
+    """Unique id of the turn (also in every `CallUsage` of it)."""
     session_id: str
+    """Session the turn belongs to; names the trace file."""
     model: str
     """What the caller asked for: a model name, or `moa:<preset>`."""
     calls: list[CallRecord]
+    """Every upstream call of the turn, in the order they started."""
     end: TurnEnd
     """The turn's totals."""
 
