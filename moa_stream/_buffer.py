@@ -69,15 +69,19 @@ class CallBuffer:
 
     def add_chunk_json(self, data: bytes | str) -> WireChunk | None:
         """Parse one SSE `data` payload into the buffer; None (and `error` set) if it is not JSON."""
-        try:
-            chunk = chunk_decoder.decode(data)
-        except msgspec.ValidationError:
-            chunk = _lenient(data, WireChunk)
-        except msgspec.DecodeError as exc:
-            self.error = f"malformed JSON in stream chunk: {exc}"
-            return None
-        self.add_chunk(chunk)
+        chunk = self._decode(data, chunk_decoder, WireChunk, "stream chunk")
+        if chunk is not None:
+            self.add_chunk(chunk)
         return chunk
+
+    def _decode(self, data: bytes | str, decoder: msgspec.json.Decoder[_S], cls: type[_S], where: str) -> _S | None:
+        try:
+            return decoder.decode(data)
+        except msgspec.ValidationError:
+            return _lenient(data, cls)
+        except msgspec.DecodeError as exc:
+            self.error = f"malformed JSON in {where}: {exc}"
+            return None
 
     def add_chunk(self, chunk: WireChunk) -> None:
         if chunk.error is not None:
@@ -141,12 +145,8 @@ class CallBuffer:
         if http_status >= 400:
             self.error = f"HTTP {http_status}: {_error_text(body)}"
             return
-        try:
-            completion = completion_decoder.decode(body)
-        except msgspec.ValidationError:
-            completion = _lenient(body, WireCompletion)
-        except msgspec.DecodeError as exc:
-            self.error = f"malformed JSON in response body: {exc}"
+        completion = self._decode(body, completion_decoder, WireCompletion, "response body")
+        if completion is None:
             return
         if completion.error is not None:
             self.error = f"error in response body: {error_message(completion.error)}"

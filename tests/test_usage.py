@@ -11,6 +11,7 @@ import moa_stream
 from moa_stream._sim import Simulator, sim_token_count
 
 from .conftest import EventLog
+from .test_sim import WEATHER_TOOL
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
 
@@ -104,27 +105,14 @@ async def test_reasoning_text_and_tokens_are_recorded(client: openai.AsyncOpenAI
 
 
 async def test_tool_calls_are_assembled_from_fragments(client: openai.AsyncOpenAI, log: EventLog) -> None:
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "strict": True,  # openai 2.x's .stream() parses only strict tools
-                "parameters": {
-                    "type": "object",
-                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                },
-            },
-        }
-    ]
-    async with client.chat.completions.stream(model="sim-small", messages=USER, tools=tools) as stream:  # type: ignore[arg-type]
+    async with client.chat.completions.stream(model="sim-small", messages=USER, tools=[WEATHER_TOOL]) as stream:  # type: ignore[arg-type]
         final = await stream.get_final_completion()
     await log.wait_turns(1)
     record = log.of(moa_stream.TurnTrace)[0].calls[0]
     sdk_call = final.choices[0].message.tool_calls[0]  # type: ignore[index]
     [ours] = record.output.tool_calls
     assert (ours.id, ours.name, ours.arguments) == (sdk_call.id, sdk_call.function.name, sdk_call.function.arguments)  # type: ignore[union-attr]
-    assert set(json.loads(ours.arguments)) == {"city", "days"}
+    assert set(json.loads(ours.arguments)) == {"city", "days", "metric"}
     assert record.finish_reason == "tool_calls"
 
 
