@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
 import inspect
 import logging
 import threading
@@ -242,10 +243,19 @@ def _sink_name(sink: Any) -> str:
 _live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
 
 
-@atexit.register
 def _flush_at_exit() -> None:
     for dispatcher in list(_live):
         try:
             dispatcher._close_blocking(timeout=2.0)
         except Exception:  # never turn interpreter exit into a traceback
             logger.debug("moa_stream: flush at exit failed", exc_info=True)
+
+
+# This must run before concurrent.futures stops its worker threads at exit (aiofiles and
+# `to_thread` need them), i.e. as a threading-atexit hook registered after concurrent.futures'
+# own: those run in reverse order, before the plain `atexit` ones.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_flush_at_exit)
+else:  # pragma: no cover - every CPython since 3.9 has it
+    atexit.register(_flush_at_exit)
