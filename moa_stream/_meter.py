@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import anyio
+
 from ._buffer import CallBuffer
 from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
 from ._events import (
@@ -187,6 +189,7 @@ class Call:
     __slots__ = (
         "_t0",
         "buffer",
+        "deadline",
         "http_status",
         "input_messages",
         "label",
@@ -226,6 +229,8 @@ class Call:
         self.http_status: int | None = None
         self.request_id: str | None = None
         self.usage: CallUsage | None = None
+        self.deadline: tuple[float, float] | None = None
+        """(anyio time, seconds): a cancellation at or after that time is this call's timeout."""
 
     @property
     def ended(self) -> bool:
@@ -234,6 +239,17 @@ class Call:
     def first_output(self) -> None:
         if self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self._t0
+
+    def interrupted(self, exc: BaseException) -> tuple[CallStatus, str | None]:
+        """The status of a call that `exc` interrupted: its own timeout is an error, any other
+        cancellation is `cancelled`, a generator closed by its consumer is `closed_early`."""
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            if self.deadline is not None and anyio.current_time() >= self.deadline[0]:
+                return "error", f"timed out after {self.deadline[1]:g}s"
+            return "cancelled", None
+        if isinstance(exc, GeneratorExit):
+            return "closed_early", None
+        return "error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     def end(self, status: CallStatus, error: str | None = None) -> None:
         """Record how the call ended and emit its `CallUsage`. Synchronous, so cancellation or a

@@ -61,7 +61,7 @@ class TeeStream:
                     yield tail
                 return
             except BaseException as exc:
-                self._call.end(*_failure(exc))
+                self._call.end(*self._call.interrupted(exc))
                 raise
             out = take(data)
             if out:
@@ -77,7 +77,7 @@ class TeeStream:
             cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
             if not cancelled and self._sse and self._expects_usage_tail():
                 await self._read_usage_tail()
-            call.end(*self._status_on_close(exc, cancelled))
+            call.end(*self._status_on_close(exc))
         with anyio.CancelScope(shield=True):
             await self._inner.aclose()
 
@@ -206,23 +206,15 @@ class TeeStream:
         except Exception:
             return raw
 
-    def _status_on_close(self, exc: BaseException | None, cancelled: bool) -> tuple[CallStatus, str | None]:
+    def _status_on_close(self, exc: BaseException | None) -> tuple[CallStatus, str | None]:
         buffer = self._call.buffer
         if buffer.error and exc is not None and not isinstance(exc, GeneratorExit):
             return "error", buffer.error
-        if cancelled:
-            return "cancelled", None
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return self._call.interrupted(exc)
         if self._done or buffer.finish_reason is not None:
             return "completed", None
         return "closed_early", None
-
-
-def _failure(exc: BaseException) -> tuple[CallStatus, str | None]:
-    if isinstance(exc, anyio.get_cancelled_exc_class()):
-        return "cancelled", None
-    if isinstance(exc, GeneratorExit):
-        return "closed_early", None
-    return "error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _sse_data(block: bytes) -> bytes | None:

@@ -103,8 +103,7 @@ class MeteringTransport:
         try:
             response = await self.inner.handle_async_request(request)
         except BaseException as exc:
-            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-            call.end("cancelled" if cancelled else "error", None if cancelled else f"{type(exc).__name__}: {exc}")
+            call.end(*call.interrupted(exc))
             raise
         call.http_status = response.status_code
         call.request_id = response.headers.get("x-request-id")
