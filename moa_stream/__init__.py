@@ -6,14 +6,18 @@ HTTP transport and reported as events and per-turn trace records.
 
 from __future__ import annotations
 
+from ._config import ConfigError, Preset, SelfMoA, Slot, load_config, self_moa, validate_presets
 from ._dispatch import Sink, SinkStats
 from ._events import (
+    Aggregating,
     CallOutput,
     CallRecord,
     CallStatus,
     CallUsage,
     Event,
     OutputSource,
+    ReferenceDone,
+    ReferenceStarted,
     Role,
     ToolCall,
     TurnEnd,
@@ -23,25 +27,34 @@ from ._events import (
     event_encoder,
 )
 from ._meter import Engine
+from ._moa import MOA_PREFIX
 from ._pricing import ModelPrice, PriceTable
 from ._session import SESSION_HEADER, current_session, sanitize_session_id, session
 from ._traces import read_traces
 from ._wrap import engine_of, flush, wrap
 
 __all__ = [
+    "Aggregating",
     "CallOutput",
     "CallRecord",
     "CallStatus",
     "CallUsage",
+    "ConfigError",
     "Engine",
     "Event",
+    "MOA_PREFIX",
     "ModelPrice",
     "OutputSource",
+    "Preset",
     "PriceTable",
+    "ReferenceDone",
+    "ReferenceStarted",
     "Role",
     "SESSION_HEADER",
+    "SelfMoA",
     "Sink",
     "SinkStats",
+    "Slot",
     "ToolCall",
     "TurnEnd",
     "TurnTrace",
@@ -51,8 +64,11 @@ __all__ = [
     "event_decoder",
     "event_encoder",
     "flush",
+    "load_config",
     "read_traces",
     "sanitize_session_id",
+    "self_moa",
     "session",
+    "validate_presets",
     "wrap",
 ]

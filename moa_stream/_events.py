@@ -167,6 +167,53 @@ class CallRecord(_Record, kw_only=True, frozen=True):
     """The call's usage event (tokens, cost, timing, status, error)."""
 
 
+class ReferenceStarted(_Record, tag="reference_started", tag_field="type", kw_only=True, frozen=True):
+    """A MoA reference call was sent."""
+
+    turn_id: str
+    session_id: str
+    preset: str
+    """The preset's name (without `moa:`)."""
+    layer: int
+    """1-based layer number."""
+    label: str
+    """The reference slot's label."""
+    model: str
+    """The model requested for it."""
+    total: int
+    """References in this layer."""
+
+
+class ReferenceDone(_Record, tag="reference_done", tag_field="type", kw_only=True, frozen=True):
+    """A MoA reference call ended; `done` of `total` in its layer have ended so far."""
+
+    turn_id: str
+    session_id: str
+    preset: str
+    layer: int
+    label: str
+    status: CallStatus
+    """How the reference ended (`cancelled` for a straggler stopped after the quorum's grace)."""
+    done: int
+    total: int
+
+
+class Aggregating(_Record, tag="aggregating", tag_field="type", kw_only=True, frozen=True):
+    """The aggregator request is being sent."""
+
+    turn_id: str
+    session_id: str
+    preset: str
+    model: str
+    """The aggregator's model."""
+    references_used: int
+    """References whose answers the aggregator gets."""
+    references_total: int
+    """References in the last layer."""
+    cadence: Literal["hit", "miss"]
+    """`hit` when the references were reused from an earlier call of the same user turn."""
+
+
 class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, frozen=True):
     """One record per turn, appended to `<trace_dir>/<session_id>.jsonl`."""
 
@@ -180,9 +227,16 @@ class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, froze
     """Every upstream call of the turn, in the order they started."""
     end: TurnEnd
     """The turn's totals."""
+    preset: str | None = None
+    """For a MoA turn, the preset's name."""
+    cadence: Literal["hit", "miss"] | None = None
+    """For a MoA turn: whether the references were reused (`hit`) or run (`miss`)."""
+    aggregator_wait_s: float | None = None
+    """For a MoA turn: seconds from the moment the fan-out rule allowed the aggregator to start
+    (quorum and grace, or every reference done) to the aggregator request being sent."""
 
 
-Event = CallUsage | TurnEnd | TurnTrace
+Event = CallUsage | TurnEnd | TurnTrace | ReferenceStarted | ReferenceDone | Aggregating
 """Everything a sink can receive."""
 
 event_encoder = msgspec.json.Encoder()

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -100,6 +100,15 @@ class Turn:
         self._ended = False
         self._records: list[CallRecord] = []
         self._main: Call | None = None
+        # Set by a MoA turn before it ends; carried into its trace record.
+        self.preset: str | None = None
+        self.cadence: Literal["hit", "miss"] | None = None
+        self.aggregator_wait_s: float | None = None
+
+    def calls_so_far(self) -> list[CallUsage]:
+        """Usage of the calls that have ended so far."""
+        with self._lock:
+            return [record.usage for record in self._records]
 
     def new_call(
         self,
@@ -172,7 +181,16 @@ class Turn:
         )
         self.engine.emit(end)
         self.engine.emit(
-            TurnTrace(turn_id=self.turn_id, session_id=self.session_id, model=self.model, calls=records, end=end)
+            TurnTrace(
+                turn_id=self.turn_id,
+                session_id=self.session_id,
+                model=self.model,
+                calls=records,
+                end=end,
+                preset=self.preset,
+                cadence=self.cadence,
+                aggregator_wait_s=self.aggregator_wait_s,
+            )
         )
 
 

@@ -121,6 +121,8 @@ class SimStats:
     requests: int = 0
     """Every call to `handle`, whatever the route or outcome."""
     open_streams: int = 0
+    max_open_streams: int = 0
+    """The most response bodies that were open at once."""
     """Response bodies started and not yet finished or closed."""
     requests_by_model: dict[str, int] = dataclasses.field(default_factory=dict)
     """Chat-completion requests per requested model name."""
@@ -351,7 +353,7 @@ class Simulator:
     async def _stream(
         self, events: Iterator[tuple[bytes, float]], fault: Fault | None, read_timeout: float | None
     ) -> AsyncIterator[bytes]:
-        self.stats.open_streams += 1
+        self._stream_opened()
         try:
             # The trailing None is the [DONE] slot, so a fault whose `after_chunks` is past the
             # last chunk still fires (instead of [DONE]).
@@ -377,13 +379,17 @@ class Simulator:
             self._stream_closed()
 
     async def _single(self, payload: bytes, *, drop: bool = False) -> AsyncIterator[bytes]:
-        self.stats.open_streams += 1
+        self._stream_opened()
         try:
             if drop:
                 raise SimDisconnect("simulated disconnect before the body")
             yield payload
         finally:
             self._stream_closed()
+
+    def _stream_opened(self) -> None:
+        self.stats.open_streams += 1
+        self.stats.max_open_streams = max(self.stats.max_open_streams, self.stats.open_streams)
 
     def _stream_closed(self) -> None:
         self.stats.open_streams -= 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +18,7 @@ import anyio
 
 from ._events import CallStatus
 from ._meter import Call
+from ._wire import any_decoder, json_encoder
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _MAX_RECORDED_BODY = 32 * 1024 * 1024
@@ -26,18 +27,40 @@ _MAX_RECORDED_BODY = 32 * 1024 * 1024
 _USAGE_TAIL_S = 0.25
 
 
+UsageRewrite = Callable[[dict[str, Any]], dict[str, Any]]
+"""Given the upstream's usage object, the usage object the caller should see."""
+
+
+def _with_usage(document: bytes, rewrite: UsageRewrite) -> bytes:
+    payload = any_decoder.decode(document)
+    if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+        payload["usage"] = rewrite(payload["usage"])
+        return json_encoder.encode(payload)
+    return document
+
+
 class TeeStream:
     """Base of the per-HTTP-library byte stream classes built by `tee_stream_class`."""
 
     _http: ModuleType
 
-    def __init__(self, inner: Any, call: Call, *, sse: bool, strip_usage: bool, content_encoding: str | None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        call: Call,
+        *,
+        sse: bool,
+        strip_usage: bool,
+        content_encoding: str | None,
+        rewrite_usage: UsageRewrite | None = None,
+    ) -> None:
         self._inner = inner
         self._iterator: AsyncIterator[bytes] | None = None
         self._call = call
         self._sse = sse
         self._strip_usage = strip_usage
         self._content_encoding = content_encoding
+        self._rewrite_usage = rewrite_usage
         self._pending = b""
         self._body: list[bytes] = []
         self._body_size = 0
@@ -59,6 +82,8 @@ class TeeStream:
                 if self._pending:
                     tail, self._pending = self._pending, b""
                     yield tail
+                elif self._rewrite_usage is not None and not self._sse:
+                    yield _with_usage(b"".join(self._body), self._rewrite_usage)
                 return
             except BaseException as exc:
                 self._call.end(*self._call.interrupted(exc))
@@ -109,19 +134,26 @@ class TeeStream:
         return self._parse_events(complete)
 
     def _one_event(self, event: bytes) -> bytes:
+        return self._event(event[6:-2], event)
+
+    def _event(self, data: bytes, raw: bytes) -> bytes:
+        """Record one event's data; return what the caller gets of it (b"" when it is stripped)."""
         call = self._call
         buffer = call.buffer
         outputs = buffer.output_chunks
-        chunk = buffer.add_chunk_json(event[6:-2])
+        chunk = buffer.add_chunk_json(data)
         if buffer.output_chunks != outputs and call.ttft_s is None:
             call.first_output()
-        if self._strip_usage and chunk is not None and chunk.usage is not None and not chunk.choices:
+        if chunk is None or chunk.usage is None:
+            return raw
+        if self._strip_usage and not chunk.choices:
             return b""
-        return event
+        if self._rewrite_usage is not None:
+            return b"data: " + _with_usage(data, self._rewrite_usage) + b"\n\n"
+        return raw
 
     def _parse_events(self, complete: bytes) -> bytes:
-        buffer = self._call.buffer
-        stripped = False
+        changed = False
         kept: list[bytes] = []
         start = 0
         separators = _EVENT_END.finditer(complete) if b"\r" in complete else None
@@ -138,24 +170,20 @@ class TeeStream:
                     kept.append(complete[start:])
                     break
                 end, block = match.end(), complete[start : match.start()]
-            event_start, start = start, end
+            raw = complete[start:end]
+            start = end
             data = _sse_data(block)
             if data is None:
-                kept.append(complete[event_start:end])
+                kept.append(raw)
                 continue
             if data.startswith(b"[DONE]"):
                 self._done = True
-                kept.append(complete[event_start:end])
+                kept.append(raw)
                 continue
-            outputs = buffer.output_chunks
-            chunk = buffer.add_chunk_json(data)
-            if buffer.output_chunks != outputs:
-                self._call.first_output()
-            if self._strip_usage and chunk is not None and chunk.usage is not None and not chunk.choices:
-                stripped = True
-                continue
-            kept.append(complete[event_start:end])
-        return b"".join(kept) if stripped else complete
+            out = self._event(data, raw)
+            changed = changed or out is not raw
+            kept.append(out)
+        return b"".join(kept) if changed else complete
 
     def _expects_usage_tail(self) -> bool:
         buffer = self._call.buffer
@@ -177,6 +205,9 @@ class TeeStream:
     # -- whole bodies (non-streamed completions and error responses) ----------------------------
 
     def _record_body(self, data: bytes) -> bytes:
+        if self._rewrite_usage is not None:
+            self._body.append(data)  # held back: its usage is rewritten once the body is whole
+            return b""
         if self._body_size < _MAX_RECORDED_BODY:
             self._body.append(data)
             self._body_size += len(data)

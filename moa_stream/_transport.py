@@ -13,10 +13,11 @@ from typing import Any
 
 import anyio
 
-from ._meter import Call, Engine
+from ._meter import Engine
+from ._moa import MOA_PREFIX, Presets, run_turn
 from ._session import SESSION_HEADER, current_session
-from ._tee import tee_stream_class
-from ._wire import any_decoder, json_encoder
+from ._upstream import Upstream, send_chat
+from ._wire import any_decoder
 
 
 def _is_chat(request: Any) -> bool:
@@ -28,9 +29,10 @@ class MeteringTransport:
 
     _http: ModuleType
 
-    def __init__(self, inner: Any, engine: Engine) -> None:
+    def __init__(self, inner: Any, engine: Engine, presets: Presets) -> None:
         self.inner = inner
         self.engine = engine
+        self.presets = presets
         self._closed = False
 
     async def handle_async_request(self, request: Any) -> Any:
@@ -45,6 +47,7 @@ class MeteringTransport:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
+            await self.presets.aclose()
             await self.engine.aclose()
             await self.inner.aclose()
 
@@ -59,92 +62,24 @@ class MeteringTransport:
         session_id = current_session(request.headers.get(SESSION_HEADER))
         headers = request.headers.copy()
         headers.pop(SESSION_HEADER, None)
+        upstream = Upstream.of_request(self._http, self.inner, request, headers)
         model = str(payload.get("model", ""))
-        streamed = payload.get("stream") is True
+        if model.startswith(MOA_PREFIX):
+            return await run_turn(self.presets, self.engine, upstream, payload, session_id=session_id)
+
         messages = payload.get("messages")
-        if not isinstance(messages, list):
-            messages = []
-
-        origin = f"{request.url.scheme}://{request.url.netloc.decode('ascii')}"
-        options = payload.get("stream_options")
-        asked_usage = isinstance(options, dict) and options.get("include_usage") is True
-        inject = streamed and not asked_usage and origin not in self.engine.rejects_stream_options
-        if streamed:
-            # A compressed event stream could not be teed chunk by chunk.
-            headers["accept-encoding"] = "identity"
-        plain = self._request(request, headers, body)
-        upstream = plain
-        if inject:
-            with_usage = {**payload, "stream_options": {**(options or {}), "include_usage": True}}
-            upstream = self._request(request, headers, json_encoder.encode(with_usage))
-
         turn = self.engine.new_turn(session_id=session_id, model=model)
         call = turn.new_call(
             role="direct",
             label=model,
-            provider=request.url.host,
+            provider=upstream.host,
             model=model,
-            input_messages=messages,
-            streamed=streamed,
+            input_messages=messages if isinstance(messages, list) else [],
+            streamed=payload.get("stream") is True,
             main=True,
         )
         turn.seal()
-        response = await self._send(call, upstream)
-        if inject and response.status_code == 400:
-            raw = await _read_raw(response)
-            if b"stream_options" not in raw:
-                return self._teed(call, self._replay(response, raw), strip_usage=False)
-            self.engine.rejects_stream_options.add(origin)
-            inject = False
-            response = await self._send(call, plain)
-        return self._teed(call, response, strip_usage=inject)
-
-    async def _send(self, call: Call, request: Any) -> Any:
-        try:
-            response = await self.inner.handle_async_request(request)
-        except BaseException as exc:
-            call.end(*call.interrupted(exc))
-            raise
-        call.http_status = response.status_code
-        call.request_id = response.headers.get("x-request-id")
-        return response
-
-    def _teed(self, call: Call, response: Any, *, strip_usage: bool) -> Any:
-        content_type = response.headers.get("content-type", "")
-        sse = response.status_code < 400 and content_type.startswith("text/event-stream")
-        tee = tee_stream_class(self._http)(
-            response.stream,
-            call,
-            sse=sse,
-            strip_usage=strip_usage,
-            content_encoding=response.headers.get("content-encoding"),
-        )
-        # A new response, since one built from bytes (mock transports) would bypass its stream.
-        return self._http.Response(
-            response.status_code, headers=response.headers, stream=tee, extensions=response.extensions
-        )
-
-    def _request(self, original: Any, headers: Any, body: bytes) -> Any:
-        headers = headers.copy()
-        headers.pop("content-length", None)
-        headers.pop("transfer-encoding", None)
-        return self._http.Request(
-            original.method, original.url, headers=headers, content=body, extensions=original.extensions
-        )
-
-    def _replay(self, response: Any, raw: bytes) -> Any:
-        return self._http.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=self._http.ByteStream(raw),
-            extensions=response.extensions,
-        )
-
-
-async def _read_raw(response: Any) -> bytes:
-    parts = [part async for part in response.stream]
-    await response.stream.aclose()
-    return b"".join(parts)
+        return await send_chat(self.engine, call, upstream, payload, body=body)
 
 
 @functools.cache

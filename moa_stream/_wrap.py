@@ -9,9 +9,11 @@ from typing import Any, TypeVar
 
 import openai
 
+from ._config import ConfigError, Preset, load_config, validate_presets
 from ._dispatch import DEFAULT_SINK_BUFFER, Sink
 from ._httpcompat import module_of
 from ._meter import Engine
+from ._moa import DEFAULT_UPSTREAM_CONCURRENCY, Presets
 from ._pricing import PriceInput, PriceTable
 from ._transport import MeteringTransport, metering_transport_class
 
@@ -27,6 +29,9 @@ def wrap(
     price_file: str | os.PathLike[str] | None = None,
     sink_buffer: int = DEFAULT_SINK_BUFFER,
     drain_timeout: float = 10.0,
+    presets: Mapping[str, Preset] | None = None,
+    config: str | os.PathLike[str] | None = None,
+    upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY,
 ) -> ClientT:
     """Return a copy of `client` (same class, same options) whose chat calls are metered.
 
@@ -36,6 +41,10 @@ def wrap(
     `ModelPrice` or a LiteLLM-style dict) and `price_file` (a LiteLLM price JSON) extend the built-in
     price table. `await client.close()` drains pending events before it returns. The original client
     is left as it was, but shares its connection pool with the copy.
+
+    `presets` (name to `Preset`) and `config` (a `moa.toml` with `[presets.<name>]` tables) define the
+    Mixture-of-Agents presets served as `model="moa:<name>"`; both are validated here, and a bad one
+    raises `ConfigError`. `upstream_concurrency` bounds the reference calls in flight per upstream.
     """
     if not isinstance(client, openai.AsyncOpenAI):
         raise TypeError(
@@ -44,6 +53,12 @@ def wrap(
         )
     if find_engine(client) is not None:
         raise ValueError("this client is already wrapped by moa_stream; wrap the original client once")
+    all_presets = load_config(config) if config is not None else {}
+    for name, preset in validate_presets(presets or {}).items():
+        if name in all_presets:
+            raise ConfigError(f"presets=: preset {name!r} is also defined in {os.fspath(config or '')}")
+        all_presets[name] = preset
+    moa = Presets(all_presets, upstream_concurrency=upstream_concurrency)
     table = PriceTable.builtin()
     if price_file is not None:
         table = table.merged(PriceTable.from_litellm_file(price_file))
@@ -57,9 +72,9 @@ def wrap(
     transport_class = metering_transport_class(module_of(http_client))
     # Keep the original client alive: its HTTP client closes the shared pool when collected.
     engine.origin = client
-    http_client._transport = transport_class(http_client._transport, engine)
+    http_client._transport = transport_class(http_client._transport, engine, moa)
     http_client._mounts = {
-        pattern: None if mounted is None else transport_class(mounted, engine)
+        pattern: None if mounted is None else transport_class(mounted, engine, moa)
         for pattern, mounted in http_client._mounts.items()
     }
     return client.copy(http_client=http_client)

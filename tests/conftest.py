@@ -141,6 +141,24 @@ def log() -> EventLog:
 
 
 @pytest.fixture
+async def wrapped(
+    upstream: openai.AsyncOpenAI, log: EventLog, tmp_path: Path
+) -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
+    """Wrap `upstream` with the given options (sink: `log`; traces in tmp_path); closed afterwards."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(**options: Any) -> openai.AsyncOpenAI:
+        options.setdefault("sinks", [log])
+        options.setdefault("trace_dir", tmp_path / "traces")
+        made.append(moa_stream.wrap(upstream, **options))
+        return made[-1]
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
 async def client(upstream: openai.AsyncOpenAI, log: EventLog, tmp_path: Path) -> AsyncIterator[openai.AsyncOpenAI]:
     wrapped = moa_stream.wrap(upstream, sinks=[log], trace_dir=tmp_path / "traces")
     yield wrapped

@@ -1,0 +1,137 @@
+"""Upstreams and the one way a metered chat call is sent to them.
+
+An upstream is where chat requests go: the caller's own (the URL, headers and transport of the
+request being handled) or a MoA slot's own client. `send_chat` asks for usage on the caller's
+behalf, falls back when an upstream rejects `stream_options`, and returns the response teed.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import openai
+
+from ._meter import Call, Engine
+from ._tee import UsageRewrite, tee_stream_class
+from ._wire import json_encoder
+
+
+class Upstream:
+    """Where chat requests go: a transport, the chat-completions URL and the headers to send."""
+
+    def __init__(self, *, http: ModuleType, transport: Any, url: Any, headers: Any, extensions: dict[str, Any]) -> None:
+        self.http = http
+        self.transport = transport
+        self.url = url
+        self.headers = headers.copy()
+        for name in ("content-length", "transfer-encoding"):
+            self.headers.pop(name, None)
+        self.extensions = extensions
+        self.origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
+        self.host: str = url.host
+
+    @classmethod
+    def of_request(cls, http: ModuleType, transport: Any, request: Any, headers: Any) -> Upstream:
+        """The upstream a caller's request was addressed to."""
+        return cls(http=http, transport=transport, url=request.url, headers=headers, extensions=request.extensions)
+
+    @classmethod
+    def of_client(cls, client: openai.AsyncOpenAI) -> Upstream:
+        """A slot's own client: its base URL, its credentials, its connection pool."""
+        from ._httpcompat import module_of
+        from ._transport import MeteringTransport
+
+        http_client: Any = client._client
+        url = http_client.build_request("POST", f"{str(client.base_url).rstrip('/')}/chat/completions").url
+        headers = {k: v for k, v in {**client.default_headers, **client.auth_headers}.items() if isinstance(v, str)}
+        transport = http_client._transport_for_url(url)
+        if isinstance(transport, MeteringTransport):  # a wrapped client: do not meter its calls twice
+            transport = transport.inner
+        request = http_client.build_request("POST", url, headers=headers)
+        return cls(
+            http=module_of(http_client),
+            transport=transport,
+            url=url,
+            headers=request.headers,
+            extensions=request.extensions,
+        )
+
+    def request(self, body: bytes, *, identity: bool) -> Any:
+        headers = self.headers.copy()
+        if identity:
+            # A compressed event stream could not be teed chunk by chunk, nor a body rewritten.
+            headers["accept-encoding"] = "identity"
+        return self.http.Request("POST", self.url, headers=headers, content=body, extensions=self.extensions)
+
+
+async def send_chat(
+    engine: Engine,
+    call: Call,
+    upstream: Upstream,
+    payload: dict[str, Any],
+    *,
+    body: bytes | None = None,
+    rewrite_usage: UsageRewrite | None = None,
+) -> Any:
+    """Send one chat request as `call` and return its response, teed into the call.
+
+    `body` is the caller's original bytes, forwarded as they are when nothing needs changing.
+    `rewrite_usage`, given the upstream's usage object, returns the usage the caller should see.
+    """
+    streamed = payload.get("stream") is True
+    options = payload.get("stream_options")
+    asked_usage = isinstance(options, dict) and options.get("include_usage") is True
+    inject = streamed and not asked_usage and upstream.origin not in engine.rejects_stream_options
+    plain = body if body is not None else json_encoder.encode(payload)
+    first = plain
+    if inject:
+        first = json_encoder.encode({**payload, "stream_options": {**(options or {}), "include_usage": True}})
+
+    identity = streamed or rewrite_usage is not None
+    response = await _send(call, upstream, upstream.request(first, identity=identity))
+    if inject and response.status_code == 400:
+        raw = await _read_raw(response)
+        if b"stream_options" not in raw:
+            replay = upstream.http.Response(400, headers=response.headers, stream=upstream.http.ByteStream(raw))
+            return _teed(upstream.http, call, replay, strip_usage=False, rewrite_usage=None)
+        engine.rejects_stream_options.add(upstream.origin)
+        inject = False
+        response = await _send(call, upstream, upstream.request(plain, identity=identity))
+    return _teed(upstream.http, call, response, strip_usage=inject, rewrite_usage=rewrite_usage)
+
+
+async def _send(call: Call, upstream: Upstream, request: Any) -> Any:
+    try:
+        response = await upstream.transport.handle_async_request(request)
+    except BaseException as exc:
+        call.end(*call.interrupted(exc))
+        raise
+    call.http_status = response.status_code
+    call.request_id = response.headers.get("x-request-id")
+    return response
+
+
+def _teed(http: ModuleType, call: Call, response: Any, *, strip_usage: bool, rewrite_usage: UsageRewrite | None) -> Any:
+    content_type = response.headers.get("content-type", "")
+    sse = response.status_code < 400 and content_type.startswith("text/event-stream")
+    tee = tee_stream_class(http)(
+        response.stream,
+        call,
+        sse=sse,
+        strip_usage=strip_usage,
+        content_encoding=response.headers.get("content-encoding"),
+        rewrite_usage=rewrite_usage if response.status_code < 400 else None,
+    )
+    headers = response.headers
+    if rewrite_usage is not None and not sse:
+        headers = headers.copy()
+        headers.pop("content-length", None)  # the rewritten body has another length
+    # A new response, since one built from bytes (mock transports) would bypass its stream.
+    return http.Response(response.status_code, headers=headers, stream=tee, extensions=response.extensions)
+
+
+async def _read_raw(response: Any) -> bytes:
+    parts = [part async for part in response.stream]
+    await response.stream.aclose()
+    return b"".join(parts)

@@ -1,0 +1,314 @@
+"""Mixture-of-Agents turns on the simulator: fan-out, quorum and grace, failures, layers, tools, cadence."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+import pytest
+
+import moa_stream
+from moa_stream import Preset, Slot
+from moa_stream._prompt import NO_REFERENCES, STALE_NOTE
+from moa_stream._sim import Fault, SimModel, Simulator
+from moa_stream._sim_transport import sim_client
+
+from .conftest import EventLog
+from .test_sim import WEATHER_TOOL
+
+USER = [{"role": "user", "content": "Plan a weekend in Lisbon"}]
+Wrapped = Callable[..., openai.AsyncOpenAI]
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator(
+        [
+            SimModel(name="ref-a", ttft_s=0.1),
+            SimModel(name="ref-b", ttft_s=0.1),
+            SimModel(name="ref-c", ttft_s=0.1),
+            SimModel(name="ref-slow", fault=Fault(kind="stall", after_chunks=3)),
+            SimModel(name="ref-fail", fault=Fault(kind="http_500")),
+            SimModel(name="agg"),
+        ]
+    )
+
+
+def trio(**options: Any) -> dict[str, Preset]:
+    return {"trio": Preset(references=["ref-a", "ref-b", "ref-c"], aggregator="agg", **options)}
+
+
+async def read_all(stream: openai.AsyncStream[Any]) -> tuple[str, list[Any]]:
+    text, chunks = "", []
+    async for chunk in stream:
+        chunks.append(chunk)
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+    return text, chunks
+
+
+def calls_by_role(log: EventLog) -> dict[str, list[moa_stream.CallUsage]]:
+    roles: dict[str, list[moa_stream.CallUsage]] = {}
+    for call in log.of(moa_stream.CallUsage):
+        roles.setdefault(call.role, []).append(call)
+    return roles
+
+
+async def test_streamed_turn_meters_every_call_and_traces_what_each_model_saw(
+    wrapped: Wrapped, log: EventLog, sim: Simulator
+) -> None:
+    client = wrapped(presets=trio())
+    text, _ = await read_all(
+        await client.chat.completions.create(model="moa:trio", messages=USER, stream=True)  # type: ignore[arg-type]
+    )
+    await log.wait_turns(1)
+    roles = calls_by_role(log)
+    assert sorted(c.label for c in roles["reference"]) == ["ref-a", "ref-b", "ref-c"]
+    assert len(roles["aggregator"]) == 1
+    assert sum(sim.stats.requests_by_model.values()) == 4  # one CallUsage per upstream call
+    [trace] = log.of(moa_stream.TurnTrace)
+    assert (trace.preset, trace.cadence) == ("trio", "miss")
+    assert trace.end.calls == 4
+    aggregator = next(c for c in trace.calls if c.role == "aggregator")
+    assert aggregator.output.text == text
+    for reference in (c for c in trace.calls if c.role == "reference"):
+        assert reference.output.text in aggregator.input_messages[0]["content"]
+        assert reference.input_messages[0]["role"] == "system"  # the advisory view
+    assert trace.aggregator_wait_s is not None
+
+
+async def test_references_run_concurrently(wrapped: Wrapped, sim: Simulator) -> None:
+    client = wrapped(presets=trio())
+    await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    # all three streams were open at once: the layer costs the slowest reference, not the sum
+    assert sim.stats.max_open_streams == 3
+
+
+async def test_progress_events_count_references_done(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets=trio())
+    await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    assert len(log.of(moa_stream.ReferenceStarted)) == 3
+    assert [e.done for e in log.of(moa_stream.ReferenceDone)] == [1, 2, 3]
+    [aggregating] = log.of(moa_stream.Aggregating)
+    assert (aggregating.references_used, aggregating.references_total) == (3, 3)
+
+
+async def test_quorum_and_grace_cancel_the_straggler_and_close_its_stream(
+    wrapped: Wrapped, log: EventLog, sim_idle: Callable[[], Awaitable[None]]
+) -> None:
+    presets = {"q": Preset(references=["ref-a", "ref-b", "ref-slow"], aggregator="agg", quorum=2, grace=0.05)}
+    client = wrapped(presets=presets)
+    await client.chat.completions.create(model="moa:q", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    [trace] = log.of(moa_stream.TurnTrace)
+    slow = next(c for c in trace.calls if c.label == "ref-slow")
+    assert slow.usage.status == "cancelled"
+    assert slow.output_source == "partial_stream"
+    assert slow.output.text  # what it said before it stalled
+    aggregator = next(c for c in trace.calls if c.role == "aggregator")
+    assert "ref-slow" in aggregator.input_messages[0]["content"]  # named as unavailable
+    assert slow.output.text not in aggregator.input_messages[0]["content"]
+    await sim_idle()  # the straggler's HTTP stream was closed
+
+
+async def test_reference_timeout_is_an_error_with_its_partial_text(wrapped: Wrapped, log: EventLog) -> None:
+    presets = {"t": Preset(references=["ref-a", "ref-slow"], aggregator="agg", reference_timeout=0.2)}
+    client = wrapped(presets=presets)
+    await client.chat.completions.create(model="moa:t", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    slow = next(c for c in log.of(moa_stream.CallUsage) if c.label == "ref-slow")
+    assert slow.status == "error"
+    assert slow.error == "timed out after 0.2s"
+
+
+async def test_failed_reference_is_dropped_and_named(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets={"f": Preset(references=["ref-a", "ref-fail"], aggregator="agg")})
+    await client.chat.completions.create(model="moa:f", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    failed = next(c for c in log.of(moa_stream.CallUsage) if c.label == "ref-fail")
+    assert (failed.status, failed.http_status) == ("error", 500)
+    aggregator = next(c for c in log.of(moa_stream.TurnTrace)[0].calls if c.role == "aggregator")
+    assert "ref-fail" in aggregator.input_messages[0]["content"]
+
+
+async def test_all_failed_aggregator_alone_answers_with_a_notice(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets={"alone": Preset(references=["ref-fail", "ref-fail"], aggregator="agg")})
+    reply = await client.chat.completions.create(model="moa:alone", messages=USER)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content
+    await log.wait_turns(1)
+    aggregator = next(c for c in log.of(moa_stream.TurnTrace)[0].calls if c.role == "aggregator")
+    assert aggregator.input_messages[0]["content"].startswith(NO_REFERENCES)
+
+
+async def test_all_failed_error_policy_raises_before_any_byte_and_sends_no_aggregator(
+    wrapped: Wrapped, log: EventLog, sim: Simulator
+) -> None:
+    client = wrapped(presets={"strict": Preset(references=["ref-fail"], aggregator="agg", on_all_failed="error")})
+    with pytest.raises(openai.InternalServerError, match=r"moa:strict: every reference failed \(ref-fail: HTTP 500"):
+        await client.chat.completions.create(model="moa:strict", messages=USER, stream=True)  # type: ignore[arg-type]
+    assert "agg" not in sim.stats.requests_by_model
+    assert sim.stats.requests_by_model["ref-fail"] == 1  # not retried by the SDK
+    await log.wait_turns(1)
+    assert log.of(moa_stream.TurnEnd)[0].status == "error"
+
+
+async def test_unknown_preset_lists_the_presets_and_calls_nothing(wrapped: Wrapped, sim: Simulator) -> None:
+    client = wrapped(presets=trio())
+    with pytest.raises(openai.NotFoundError, match=r"unknown MoA preset 'moa:nope'; presets: moa:trio"):
+        await client.chat.completions.create(model="moa:nope", messages=USER)  # type: ignore[arg-type]
+    assert sim.stats.requests == 0
+
+
+async def test_caller_usage_reports_the_whole_turn_by_default(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets={**trio(), "agg-only": Preset(references=["ref-a"], aggregator="agg", usage="aggregator")})
+    _, chunks = await read_all(
+        await client.chat.completions.create(
+            model="moa:trio",
+            messages=USER,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    reply = await client.chat.completions.create(model="moa:agg-only", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(2)
+    whole, agg_only = log.of(moa_stream.TurnEnd)
+    [usage] = [c.usage for c in chunks if c.usage is not None]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.input_tokens, whole.output_tokens)
+    aggregator = calls_by_role(log)["aggregator"][1]
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        aggregator.input_tokens,
+        aggregator.output_tokens,
+    )
+    assert agg_only.input_tokens > aggregator.input_tokens  # the turn still counts the reference
+
+
+async def test_non_streamed_turn_returns_a_chat_completion(wrapped: Wrapped) -> None:
+    client = wrapped(presets=trio())
+    reply = await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    assert isinstance(reply, openai.types.chat.ChatCompletion)
+    assert reply.model == "agg"
+    assert reply.choices[0].message.content
+
+
+async def test_two_layers_each_see_only_the_layer_before(wrapped: Wrapped, log: EventLog) -> None:
+    presets = {
+        "deep": Preset(layers=[["ref-a", "ref-b"], ["ref-c", Slot(model="ref-a", label="ref-a-2")]], aggregator="agg")
+    }
+    client = wrapped(presets=presets)
+    await client.chat.completions.create(model="moa:deep", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    calls = {c.label: c for c in log.of(moa_stream.TurnTrace)[0].calls}
+    first = [calls["ref-a"].output.text, calls["ref-b"].output.text]
+    second = [calls["ref-c"].output.text, calls["ref-a-2"].output.text]
+    layer_two_prompt = calls["ref-c"].input_messages[0]["content"]
+    aggregator_prompt = calls["agg"].input_messages[0]["content"]
+    assert all(text in layer_two_prompt for text in first)
+    assert all(text in aggregator_prompt for text in second)
+    assert not any(text in aggregator_prompt for text in first)
+
+
+async def test_only_the_aggregator_gets_tools_and_its_tool_call_streams_to_the_caller(
+    wrapped: Wrapped, sim: Simulator
+) -> None:
+    client = wrapped(presets=trio())
+    async with client.chat.completions.stream(
+        model="moa:trio",
+        messages=USER,  # type: ignore[arg-type]
+        tools=[WEATHER_TOOL],
+    ) as stream:
+        final = await stream.get_final_completion()
+    [tool_call] = final.choices[0].message.tool_calls or []
+    assert tool_call.function.name == "get_weather"  # type: ignore[union-attr]
+    requests = {r["model"]: r for r in sim.requests_seen}
+    assert all("tools" not in requests[name] for name in ("ref-a", "ref-b", "ref-c"))
+    assert requests["agg"]["tools"][0]["function"]["name"] == "get_weather"
+
+
+async def test_cadence_per_user_turn_reuses_references_across_a_tool_loop(
+    wrapped: Wrapped, log: EventLog, sim: Simulator
+) -> None:
+    client = wrapped(presets=trio())
+    messages: list[Any] = list(USER)
+    first = await client.chat.completions.create(model="moa:trio", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[arg-type]
+    [tool_call] = first.choices[0].message.tool_calls or []
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": tool_call.id, "content": json.dumps({"forecast": "sunny"})},
+    ]
+    second = await client.chat.completions.create(model="moa:trio", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[arg-type]
+    assert second.choices[0].message.content
+    messages += [
+        {"role": "assistant", "content": second.choices[0].message.content},
+        {"role": "user", "content": "And Porto?"},
+    ]
+    await client.chat.completions.create(model="moa:trio", messages=messages, tools=[WEATHER_TOOL])  # type: ignore[arg-type]
+    await log.wait_turns(3)
+    traces = log.of(moa_stream.TurnTrace)
+    assert [t.cadence for t in traces] == ["miss", "hit", "miss"]
+    assert [t.end.calls for t in traces] == [4, 1, 4]
+    assert sim.stats.requests_by_model["ref-a"] == 2
+    hit_prompt = next(c for c in traces[1].calls if c.role == "aggregator").input_messages[0]["content"]
+    assert STALE_NOTE in hit_prompt  # the references predate the tool result
+    assert len(log.of(moa_stream.CallUsage)) == 9
+
+
+async def test_cadence_per_call_always_reruns(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets=trio(cadence="per_call"))
+    for _ in range(2):
+        await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(2)
+    assert [t.cadence for t in log.of(moa_stream.TurnTrace)] == ["miss", "miss"]
+
+
+async def test_cadence_every_n_reruns_on_the_nth_call(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets=trio(cadence="every_n", every_n=2))
+    for _ in range(4):
+        await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(4)
+    assert [t.cadence for t in log.of(moa_stream.TurnTrace)] == ["miss", "hit", "miss", "hit"]
+
+
+async def test_slot_with_its_own_client_calls_that_upstream(wrapped: Wrapped, log: EventLog, sim: Simulator) -> None:
+    other = Simulator([SimModel(name="elsewhere")])
+    other_client = sim_client(other, base_url="http://other.local/v1")
+    presets = {"mixed": Preset(references=["ref-a", Slot(model="elsewhere", client=other_client)], aggregator="agg")}
+    client = wrapped(presets=presets)
+    await client.chat.completions.create(model="moa:mixed", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    assert other.stats.requests_by_model == {"elsewhere": 1}
+    assert "elsewhere" not in sim.stats.requests_by_model
+    elsewhere = next(c for c in log.of(moa_stream.CallUsage) if c.label == "elsewhere")
+    assert elsewhere.provider == "other.local"
+    assert other.headers_seen[0]["authorization"] == "Bearer sim-key"
+    await other_client.close()
+
+
+async def test_slot_by_base_url_needs_its_key_variable(wrapped: Wrapped, sim: Simulator) -> None:
+    slot = Slot(model="x", base_url="http://127.0.0.1:9/v1", api_key_env="MOA_TEST_UNSET_KEY")
+    client = wrapped(presets={"k": Preset(references=[slot], aggregator="agg")})
+    with pytest.raises(openai.InternalServerError, match="MOA_TEST_UNSET_KEY"):
+        await client.chat.completions.create(model="moa:k", messages=USER)  # type: ignore[arg-type]
+    assert sim.stats.requests == 0
+
+
+async def test_capacity_limit_serializes_references_on_one_upstream(wrapped: Wrapped, sim: Simulator) -> None:
+    client = wrapped(presets=trio(), upstream_concurrency=1)
+    await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    assert sim.stats.requests_by_model == {"ref-a": 1, "ref-b": 1, "ref-c": 1, "agg": 1}
+    assert sim.stats.max_open_streams == 1
+
+
+async def test_caller_cancelled_during_fan_out_still_ends_the_turn(wrapped: Wrapped, log: EventLog) -> None:
+    import anyio
+
+    client = wrapped(presets={"s": Preset(references=["ref-slow"], aggregator="agg")})
+    with anyio.move_on_after(0.3):
+        await client.chat.completions.create(model="moa:s", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    [end] = log.of(moa_stream.TurnEnd)
+    assert end.status == "cancelled"
+    assert [c.status for c in log.of(moa_stream.CallUsage)] == ["cancelled"]
