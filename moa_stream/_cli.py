@@ -15,10 +15,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moa-stream", description="Mixture-of-Agents streaming middleware")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="metered calls on the embedded simulator or a real endpoint")
+    demo = commands.add_parser("demo", help="a Mixture-of-Agents turn on the embedded simulator or a real endpoint")
     demo.add_argument("--base-url", help="an OpenAI-compatible endpoint instead of the embedded simulator")
     demo.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
-    demo.add_argument("--model", action="append", default=[], help="model to call (repeat for several)")
+    demo.add_argument("--config", type=Path, help="a moa.toml with [presets.<name>] tables")
+    demo.add_argument("--preset", help="which preset of --config to run (default: the first)")
+    demo.add_argument(
+        "--model", action="append", default=[], help="reference model (repeat; one model = 3 Self-MoA samples)"
+    )
+    demo.add_argument("--aggregator", help="aggregator model (default: the first --model)")
     demo.add_argument("--trace-dir", type=Path, default=Path("traces"), help="where trace files go (default: traces)")
 
     sim = commands.add_parser("sim", help="serve the embedded simulator over HTTP")
@@ -30,7 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ._demo import run_demo
 
         anyio.run(
-            lambda: run_demo(base_url=args.base_url, api_key=args.api_key, models=args.model, trace_dir=args.trace_dir)
+            lambda: run_demo(
+                base_url=args.base_url,
+                api_key=args.api_key,
+                models=args.model,
+                aggregator=args.aggregator,
+                config=args.config,
+                preset=args.preset,
+                trace_dir=args.trace_dir,
+            )
         )
         return 0
     with contextlib.suppress(KeyboardInterrupt):

@@ -1,8 +1,9 @@
-"""`moa-stream demo`: metered calls on the embedded simulator (or a real endpoint), shown live."""
+"""`moa-stream demo`: one Mixture-of-Agents turn, shown live, on the embedded simulator or a real endpoint."""
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,85 +13,107 @@ import anyio
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from ._events import CallUsage, Event, TurnTrace
+from ._config import Preset, load_config, self_moa
+from ._events import Aggregating, CallUsage, Event, ReferenceDone, ReferenceStarted, TurnTrace
 from ._session import session
 from ._sim import default_simulator
 from ._sim_transport import sim_client
 from ._wrap import wrap
 
-SIM_MODELS = ("sim-medium", "sim-small", "sim-large", "sim-reasoner")
+SIM_PRESET = Preset(references=["sim-small", "sim-medium", "sim-reasoner"], aggregator="sim-large")
 QUESTION = "In two sentences: why do streaming APIs need careful resource cleanup?"
+
+
+def demo_presets(
+    *, base_url: str | None, models: Sequence[str], aggregator: str | None, config: Path | None
+) -> dict[str, Preset]:
+    """The presets the demo may run: from --config, else built from --model/--aggregator."""
+    if config is not None:
+        return load_config(config)
+    if base_url is None and not models:
+        return {"demo": SIM_PRESET}
+    models = list(models) or ["gpt-4.1-mini"]
+    references = self_moa(models[0], 3) if len(models) == 1 else models
+    return {"demo": Preset(references=references, aggregator=aggregator or models[0])}
 
 
 async def run_demo(
     *,
     base_url: str | None,
     api_key: str | None,
-    models: Sequence[str],
+    models: Sequence[str] = (),
+    aggregator: str | None = None,
+    config: Path | None = None,
+    preset: str | None = None,
     trace_dir: Path,
     session_id: str = "demo",
     out: TextIO = sys.stdout,
 ) -> list[CallUsage]:
-    """Stream one answer live, make a streamed, a non-streamed and a broken-off call side by side,
-    then print every call's usage event and where the trace file is."""
+    """Run one MoA turn with a progress line per reference, stream the aggregator's answer, then
+    print every call's usage and where the trace file is."""
+    presets = demo_presets(base_url=base_url, models=models, aggregator=aggregator, config=config)
+    name = preset or next(iter(presets), "")
+    if name not in presets:
+        raise SystemExit(f"moa-stream demo: no preset {name!r}; the presets are: {', '.join(presets) or 'none'}")
     if base_url is None:
         upstream = sim_client(default_simulator())
-        models = models or SIM_MODELS
         where = "the embedded simulator"
     else:
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
         upstream = openai.AsyncOpenAI(base_url=base_url, api_key=key)
-        models = models or ("gpt-4.1-mini",)
         where = base_url
-    events: list[Event] = []
-    client = wrap(upstream, sinks=[events.append], trace_dir=trace_dir)
-    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
-    first, rest = models[0], list(models[1:]) or [models[0]]
-    others = [rest[i % len(rest)] for i in range(max(3, len(rest)))]
 
-    print(f"moa_stream demo against {where}\n\n> {QUESTION}\n\n[{first}] ", end="", file=out, flush=True)
+    events: list[Event] = []
+    progress: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+
+    def sink(event: Event) -> None:
+        events.append(event)
+        progress.put(event)
+
+    client = wrap(upstream, sinks=[sink], trace_dir=trace_dir, presets=presets)
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
+    print(f"moa_stream demo: preset moa:{name} against {where}\n\n> {QUESTION}\n", file=out, flush=True)
     with session(session_id) as sid:
-        async with client:
-            stream = await client.chat.completions.create(model=first, messages=messages, stream=True)
-            async with stream:
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        print(chunk.choices[0].delta.content, end="", file=out, flush=True)
-            print(f"\n\nThen {len(others)} calls at once: streamed, non-streamed, broken off after 3 chunks.", file=out)
-            async with anyio.create_task_group() as tg:
-                for index, model in enumerate(others):
-                    tg.start_soon(_side_call, client, model, messages, index % 3)
+        async with client, anyio.create_task_group() as tasks:
+            tasks.start_soon(_show_progress, progress, out)
+            try:
+                stream = await client.chat.completions.create(model=f"moa:{name}", messages=messages, stream=True)
+                async with stream:
+                    async for chunk in stream:
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            print(chunk.choices[0].delta.content, end="", file=out, flush=True)
+                print("\n", file=out)
+            finally:
+                progress.put(None)  # stops the progress printer
         # leaving `async with client` drained every event and trace line
     calls = [e for e in events if isinstance(e, CallUsage)]
-    print(file=out)
     print(format_calls(calls), file=out)
     turns = sum(isinstance(e, TurnTrace) for e in events)
-    print(f"\n{turns} turns traced in {trace_dir / f'{sid}.jsonl'}", file=out)
+    print(f"\n{turns} turn traced in {trace_dir / f'{sid}.jsonl'}", file=out)
     return calls
 
 
-async def _side_call(
-    client: openai.AsyncOpenAI, model: str, messages: list[ChatCompletionMessageParam], kind: int
-) -> None:
-    if kind == 1:
-        await client.chat.completions.create(model=model, messages=messages)
-        return
-    stream = await client.chat.completions.create(model=model, messages=messages, stream=True)
-    async with stream:
-        count = 0
-        async for _ in stream:
-            count += 1
-            if kind == 2 and count == 3:
-                break
+async def _show_progress(progress: queue.SimpleQueue[Event | None], out: TextIO) -> None:
+    while (event := await anyio.to_thread.run_sync(progress.get)) is not None:
+        if isinstance(event, ReferenceStarted):
+            line = f"  reference {event.label} ({event.model}) started"
+        elif isinstance(event, ReferenceDone):
+            line = f"  reference {event.label}: {event.status} ({event.done}/{event.total} done)"
+        elif isinstance(event, Aggregating):
+            line = f"  aggregating {event.references_used}/{event.references_total} answers with {event.model}\n"
+        else:
+            continue
+        print(line, file=out, flush=True)
 
 
 def format_calls(calls: Sequence[CallUsage]) -> str:
     """A fixed-width table of usage events, one row per call."""
-    header = ("model", "in", "out", "usage", "cost $", "ttft s", "time s", "status")
+    header = ("role", "model", "in", "out", "usage", "cost $", "ttft s", "time s", "status")
     rows = [header]
     for call in calls:
         rows.append(
             (
+                call.role,
                 call.model,
                 _num(call.input_tokens),
                 _num(call.output_tokens),

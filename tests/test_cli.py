@@ -17,7 +17,7 @@ from moa_stream._sim import Simulator
 from .conftest import MODELS, ServerThread
 
 
-def test_demo_command_runs_on_the_embedded_simulator(tmp_path: Path) -> None:
+def test_demo_command_runs_a_moa_turn_on_the_embedded_simulator(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "moa_stream", "demo", "--trace-dir", str(tmp_path)],
         capture_output=True,
@@ -25,12 +25,15 @@ def test_demo_command_runs_on_the_embedded_simulator(tmp_path: Path) -> None:
         timeout=120,
         check=True,
     )
-    table = result.stdout.split("------------")[-1]
-    assert table.count("completed") == 3
-    assert table.count("closed_early") == 1
-    [trace] = tmp_path.glob("*.jsonl")
-    assert f"4 turns traced in {trace}" in result.stdout
-    assert len(list(moa_stream.read_traces(trace))) == 4
+    assert result.stdout.count("3/3 done") == 1
+    assert "aggregating 3/3 answers with sim-large" in result.stdout
+    table = result.stdout.split("---------")[-1]
+    assert table.count("reference") == 3
+    assert table.count("aggregator") == 1
+    assert table.count("completed") == 4
+    [trace] = moa_stream.read_traces(tmp_path / "demo.jsonl")
+    assert f"1 turn traced in {tmp_path / 'demo.jsonl'}" in result.stdout
+    assert trace.calls[-1].output.text in result.stdout  # the aggregator's answer was streamed
 
 
 async def test_demo_against_a_server_given_by_base_url(tmp_path: Path) -> None:
@@ -39,10 +42,24 @@ async def test_demo_against_a_server_given_by_base_url(tmp_path: Path) -> None:
         calls = await run_demo(
             base_url=server.base_url, api_key="k", models=["sim-small", "sim-large"], trace_dir=tmp_path, out=out
         )
-    assert [c.model for c in calls].count("sim-large") == 3
+    assert [(c.role, c.model) for c in calls if c.role == "aggregator"] == [("aggregator", "sim-small")]
+    assert sorted(c.model for c in calls if c.role == "reference") == ["sim-large", "sim-small"]
     assert all(c.provider == "127.0.0.1" for c in calls)
-    assert "sim-large" in out.getvalue()
     assert (tmp_path / "demo.jsonl").exists()
+
+
+async def test_demo_runs_a_preset_from_a_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "moa.toml"
+    config.write_text(
+        '[presets.first]\nreferences = ["sim-small"]\naggregator = "sim-small"\n'
+        '[presets.pair]\nreferences = ["sim-small", "sim-large"]\naggregator = "sim-large"\nquorum = 1\n'
+    )
+    with ServerThread(Simulator(MODELS)) as server:
+        calls = await run_demo(
+            base_url=server.base_url, api_key="k", config=config, preset="pair", trace_dir=tmp_path, out=io.StringIO()
+        )
+    assert sorted((c.role, c.model) for c in calls)[0] == ("aggregator", "sim-large")
+    assert len(calls) == 3
 
 
 def free_port() -> int:

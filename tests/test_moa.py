@@ -312,3 +312,36 @@ async def test_caller_cancelled_during_fan_out_still_ends_the_turn(wrapped: Wrap
     [end] = log.of(moa_stream.TurnEnd)
     assert end.status == "cancelled"
     assert [c.status for c in log.of(moa_stream.CallUsage)] == ["cancelled"]
+
+
+async def test_preset_from_a_toml_file_runs(wrapped: Wrapped, log: EventLog, tmp_path: Any) -> None:
+    config = tmp_path / "moa.toml"
+    config.write_text(
+        '[presets.duo]\nreferences = ["ref-a", { model = "ref-b", temperature = 0.2 }]\naggregator = "agg"\n'
+    )
+    client = wrapped(config=config)
+    await client.chat.completions.create(model="moa:duo", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    assert sorted(c.label for c in log.of(moa_stream.CallUsage)) == ["agg", "ref-a", "ref-b"]
+
+
+async def test_self_moa_samples_one_model_with_different_seeds(wrapped: Wrapped, log: EventLog, sim: Simulator) -> None:
+    client = wrapped(presets={"self": Preset(references=moa_stream.self_moa("ref-a", 3), aggregator="agg")})
+    await client.chat.completions.create(model="moa:self", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    references = [c for c in log.of(moa_stream.TurnTrace)[0].calls if c.role == "reference"]
+    assert sorted(c.label for c in references) == ["ref-a#1", "ref-a#2", "ref-a#3"]
+    assert len({c.output.text for c in references}) == 3  # the samples differ
+    assert sorted(r["seed"] for r in sim.requests_seen if r["model"] == "ref-a") == [1, 2, 3]
+
+
+async def test_preset_defined_twice_is_refused(upstream: openai.AsyncOpenAI, tmp_path: Any) -> None:
+    config = tmp_path / "moa.toml"
+    config.write_text('[presets.trio]\nreferences = ["ref-a"]\naggregator = "agg"\n')
+    with pytest.raises(moa_stream.ConfigError, match=r"preset 'trio' is also defined in .*moa\.toml"):
+        moa_stream.wrap(upstream, presets=trio(), config=config)
+
+
+async def test_bad_preset_is_refused_at_wrap(upstream: openai.AsyncOpenAI) -> None:
+    with pytest.raises(moa_stream.ConfigError, match=r"presets=: preset 'bad': field 'quorum'"):
+        moa_stream.wrap(upstream, presets={"bad": Preset(references=["ref-a"], aggregator="agg", quorum=2)})
