@@ -54,3 +54,15 @@ def test_built_wheel_carries_adapters_under_moa_stream(tmp_path: Path) -> None:
     ).stdout.split()
     assert out[0].startswith(str(site))
     assert out[1] == "True"
+
+
+def test_readme_quickstart_runs_against_the_simulator(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Quickstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "openai.AsyncOpenAI()" in code
+    # The simulator answers any model name; only the client and the trace directory change.
+    code = code.replace("openai.AsyncOpenAI()", "sim_client()").replace('"traces"', repr(str(tmp_path)))
+    code = "from moa_stream._sim_transport import sim_client\n" + code
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert "TurnEnd(" in result.stdout  # the print sink saw the turn end
+    assert list(tmp_path.glob("*.jsonl"))
