@@ -123,7 +123,7 @@ async def run_turn(
     aggregator = preset.aggregator_slot()
     upstream = upstreams[aggregator.label]
     agg_messages = inject_references(
-        messages,
+        _with_system(messages, aggregator.system),
         references,
         placement=preset.placement,
         template=preset.template,
@@ -282,6 +282,11 @@ async def _read_reference(
         raise
     if not call.ended:  # the deadline passed while waiting for the upstream's capacity
         call.end("error", f"timed out after {timeout:g}s waiting for capacity")
+
+
+def _with_system(messages: list[Any], system: str | None) -> list[Any]:
+    """The aggregator slot's own instruction: a system message of its own, ahead of the caller's."""
+    return messages if system is None else [{"role": "system", "content": system}, *messages]
 
 
 def _slot_payload(slot: Slot, messages: list[Any], *, base: Mapping[str, Any]) -> dict[str, Any]:

@@ -345,3 +345,14 @@ async def test_preset_defined_twice_is_refused(upstream: openai.AsyncOpenAI, tmp
 async def test_bad_preset_is_refused_at_wrap(upstream: openai.AsyncOpenAI) -> None:
     with pytest.raises(moa_stream.ConfigError, match=r"presets=: preset 'bad': field 'quorum'"):
         moa_stream.wrap(upstream, presets={"bad": Preset(references=["ref-a"], aggregator="agg", quorum=2)})
+
+
+async def test_aggregator_slot_system_instruction_leads_its_messages(wrapped: Wrapped, log: EventLog) -> None:
+    aggregator = Slot(model="agg", system="Answer in French.")
+    client = wrapped(presets={"fr": Preset(references=["ref-a"], aggregator=aggregator)})
+    await client.chat.completions.create(model="moa:fr", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    sent = next(c for c in log.of(moa_stream.TurnTrace)[0].calls if c.role == "aggregator").input_messages
+    assert sent[0]["role"] == "system"
+    assert sent[0]["content"].startswith("Answer in French.\n\n")  # the reference block follows it
+    assert sent[1:] == USER
