@@ -11,6 +11,7 @@ import openai
 
 from ._config import ConfigError, Preset, load_config, validate_presets
 from ._dispatch import DEFAULT_SINK_BUFFER, Sink
+from ._fast import fast_client_class
 from ._httpcompat import module_of
 from ._meter import Engine
 from ._moa import DEFAULT_UPSTREAM_CONCURRENCY, Presets
@@ -32,6 +33,7 @@ def wrap(
     presets: Mapping[str, Preset] | None = None,
     config: str | os.PathLike[str] | None = None,
     upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY,
+    fast: bool = False,
 ) -> ClientT:
     """Return a copy of `client` (same class, same options) whose chat calls are metered.
 
@@ -45,6 +47,10 @@ def wrap(
     `presets` (name to `Preset`) and `config` (a `moa.toml` with `[presets.<name>]` tables) define the
     Mixture-of-Agents presets served as `model="moa:<name>"`; both are validated here, and a bad one
     raises `ConfigError`. `upstream_concurrency` bounds the reference calls in flight per upstream.
+
+    `fast=True` returns an instance of a subclass of the client's class that builds chat responses
+    by validation instead of the SDK's slower construction (same objects, equal `model_dump()`,
+    with the SDK's own path as the fallback for anything validation refuses).
     """
     if not isinstance(client, openai.AsyncOpenAI):
         raise TypeError(
@@ -77,7 +83,13 @@ def wrap(
         pattern: None if mounted is None else transport_class(mounted, engine, moa)
         for pattern, mounted in http_client._mounts.items()
     }
-    return client.copy(http_client=http_client)
+    wrapped = client.copy(http_client=http_client)
+    if fast:
+        # Same attributes, new methods: `with_options()` copies build `self.__class__`, so they stay fast.
+        original: type[openai.AsyncOpenAI] = type(client)
+        fast_class: Any = fast_client_class(original)
+        wrapped.__class__ = fast_class
+    return wrapped
 
 
 def find_engine(client: openai.AsyncOpenAI) -> Engine | None:
