@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
+import contextlib
 import inspect
 import logging
 import threading
@@ -30,6 +32,8 @@ logger = logging.getLogger("moa_stream")
 
 Sink = Callable[[Event], None] | Callable[[Event], Awaitable[None]]
 """A sink: any callable taking one event, sync (run in a worker thread) or async."""
+
+_MAX_BATCH = 256
 
 DEFAULT_SINK_BUFFER = 10_000
 """Events buffered per sink before new ones are dropped for it."""
@@ -78,21 +82,60 @@ class _SinkRunner:
 
     async def run(self) -> None:
         async with self.receive:
-            async for item in self.receive:
-                if isinstance(item, _Marker):
-                    item.done.set()
-                    continue
+            async for first in self.receive:
+                # Take whatever else is already waiting: one thread hop or one batch write serves
+                # a burst of events (a turn ends with several at once).
+                batch = [first]
+                with contextlib.suppress(anyio.WouldBlock):
+                    while len(batch) < _MAX_BATCH:
+                        batch.append(self.receive.receive_nowait())
+                events = [item for item in batch if not isinstance(item, _Marker)]
+                if events:
+                    await self._deliver(events)
+                for item in batch:
+                    if isinstance(item, _Marker):
+                        item.done.set()
+
+    async def _deliver(self, events: list[Event]) -> None:
+        write_batch = getattr(self.sink, "write_batch", None)
+        if write_batch is not None:
+            try:
+                await write_batch(events)
+            except Exception:
+                self._failed(len(events))
+            else:
+                self.delivered += len(events)
+        elif self.is_async:
+            for event in events:
                 try:
-                    if self.is_async:
-                        await self.sink(item)  # type: ignore[misc]
-                    else:
-                        await anyio.to_thread.run_sync(self.sink, item)
+                    await self.sink(event)  # type: ignore[misc]
                 except Exception:
-                    if self.failed == 0:
-                        logger.exception("moa_stream sink %s raised; its failures are now counted", self.name)
-                    self.failed += 1
+                    self._failed(1)
                 else:
                     self.delivered += 1
+        else:
+            delivered, failed = await anyio.to_thread.run_sync(self._call_each, events)
+            self.delivered += delivered
+            if failed:
+                self._failed(failed)
+
+    def _call_each(self, events: list[Event]) -> tuple[int, int]:
+        delivered = failed = 0
+        for event in events:
+            try:
+                self.sink(event)
+            except Exception:
+                if self.failed + failed == 0:
+                    logger.exception("moa_stream sink %s raised; its failures are now counted", self.name)
+                failed += 1
+            else:
+                delivered += 1
+        return delivered, failed
+
+    def _failed(self, count: int) -> None:
+        if self.failed == 0:
+            logger.exception("moa_stream sink %s raised; its failures are now counted", self.name)
+        self.failed += count
 
     def stats(self) -> SinkStats:
         return SinkStats(name=self.name, delivered=self.delivered, failed=self.failed, dropped=self.dropped)
@@ -112,6 +155,8 @@ class Dispatcher:
         self._stop: asyncio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._closed = False
+        self._inbox: collections.deque[Event] = collections.deque()  # appends and pops are thread-safe
+        self._wake_pending = False
         self.dropped_after_close = 0
 
     # -- caller side (any thread) ---------------------------------------------------------------
@@ -137,10 +182,15 @@ class Dispatcher:
             if self._closed:
                 self.dropped_after_close += 1
             return
-        try:
-            loop.call_soon_threadsafe(self._fan_out, event)
-        except RuntimeError:  # the loop has stopped under us (interpreter exit)
-            self.dropped_after_close += 1
+        self._inbox.append(event)
+        # One wake-up per burst: the loop takes everything in the inbox when it runs.
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                loop.call_soon_threadsafe(self._fan_out)
+            except RuntimeError:  # the loop has stopped under us (interpreter exit)
+                self.dropped_after_close += len(self._inbox)
+                self._inbox.clear()
 
     def stats(self) -> list[SinkStats]:
         return [runner.stats() for runner in list(self._runners)]
@@ -216,11 +266,16 @@ class Dispatcher:
         assert self._task_group is not None
         self._task_group.start_soon(runner.run, name=f"moa-stream sink {runner.name}")
 
-    def _fan_out(self, event: Event) -> None:
-        for runner in self._runners:
-            runner.offer(event)
+    def _fan_out(self) -> None:
+        self._wake_pending = False
+        inbox = self._inbox
+        while inbox:
+            event = inbox.popleft()
+            for runner in self._runners:
+                runner.offer(event)
 
     async def _flush(self, timeout: float) -> bool:
+        self._fan_out()  # whatever is still in the inbox goes ahead of the markers
         markers = []
         with anyio.move_on_after(timeout):
             for runner in list(self._runners):

@@ -18,9 +18,10 @@ def _private_file(path: str, flags: int) -> int:
 
 
 class TraceWriter:
-    """An async sink that appends each `TurnTrace` as one line, written with a single write call.
+    """An async sink that appends each `TurnTrace` as one line; the dispatcher hands it batches.
 
-    One write per complete line means a crash can tear at most the last line of a file.
+    Lines are only ever appended whole, in one write per batch, so a crash can tear at most the
+    last line of a file.
     """
 
     def __init__(self, trace_dir: str | os.PathLike[str]) -> None:
@@ -37,12 +38,18 @@ class TraceWriter:
         return self.directory / f"{sanitize_session_id(session_id)}.jsonl"
 
     async def __call__(self, event: Event) -> None:
-        if not isinstance(event, TurnTrace):
-            return
-        line = event_encoder.encode(event) + b"\n"
-        async with aiofiles.open(self.path_for(event.session_id), "ab", opener=_private_file) as file:
-            await file.write(line)
-        self.written += 1
+        await self.write_batch([event])
+
+    async def write_batch(self, events: list[Event]) -> None:
+        """Append the trace records among `events`: one open and one write per session file."""
+        lines: dict[str, list[bytes]] = {}
+        for event in events:
+            if isinstance(event, TurnTrace):
+                lines.setdefault(event.session_id, []).append(event_encoder.encode(event) + b"\n")
+        for session_id, session_lines in lines.items():
+            async with aiofiles.open(self.path_for(session_id), "ab", opener=_private_file) as file:
+                await file.write(b"".join(session_lines))
+            self.written += len(session_lines)
 
 
 def read_traces(path: str | os.PathLike[str]) -> Iterator[TurnTrace]:
