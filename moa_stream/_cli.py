@@ -1,9 +1,11 @@
-"""The `moa-stream` command: `demo` and `sim`."""
+"""The `moa-stream` command: `demo`, `sim` and `bench`."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +32,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
 
+    bench = commands.add_parser("bench", help="the benchmark suite (needs a source checkout)", description=_BENCH_ABOUT)
+    bench.add_argument("--quick", action="store_true", help="few rounds and small sizes (under a minute)")
+    bench.add_argument(
+        "--sections",
+        nargs="+",
+        choices=BENCH_SECTIONS,
+        metavar="SECTION",
+        help=f"any of {', '.join(BENCH_SECTIONS)} (default: all)",
+    )
+    bench.add_argument("--out-dir", type=Path, help="where the JSON and PNG files go (default: benchmarks/results)")
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args, argv)
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -49,6 +64,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(_serve_simulator, args.host, args.port)
     return 0
+
+
+BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout")
+"""The sections of `benchmarks/suite.py`, named here so that `--help` works without a checkout."""
+
+
+_BENCH_ABOUT = (
+    "Run the benchmark suite (benchmarks/ of a source checkout) against the embedded simulator: per-chunk cost, "
+    "sinks on/off, concurrency, fan-out. Prints tables and writes JSON (and PNG plots with matplotlib) to "
+    "benchmarks/results/."
+)
+
+
+def _bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Run `benchmarks/` of the source checkout this package was imported from."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "suite.py").is_file():
+        print(
+            "moa-stream bench: the benchmarks need a source checkout (they are not part of the installed package); "
+            "clone the repository, `pip install -e '.[bench]'` and run `moa-stream bench` there",
+            file=sys.stderr,
+        )
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    suite = importlib.import_module("benchmarks.suite")
+    if args.out_dir is None:
+        args.out_dir = suite.RESULTS_DIR
+    command = shlex.join(["moa-stream", *(sys.argv[1:] if argv is None else argv)])
+    code: int = suite.run_command(args, command=command)
+    return code
 
 
 async def _serve_simulator(host: str, port: int) -> None:
