@@ -7,6 +7,7 @@ share one implementation. It is the default upstream of the demo, the tests and 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -44,6 +45,9 @@ FaultKind = Literal[
 ]
 _FAULT_KINDS: Final[frozenset[str]] = frozenset(get_args(FaultKind))
 _MID_STREAM_FAULTS: Final = frozenset({"disconnect", "stall", "malformed", "stream_error"})
+
+
+_SEEN = 1000
 
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True):
@@ -211,10 +215,11 @@ class Simulator:
             self._models[model.name] = model
         self._default = default
         self.stats = SimStats()
-        self.requests_seen: list[Any] = []
-        """Decoded JSON bodies of the chat requests received, in order."""
-        self.headers_seen: list[dict[str, str]] = []
-        """Headers of the chat requests received (names lower-cased), in order."""
+        # Bounded, so that a long load run does not grow without end.
+        self.requests_seen: collections.deque[Any] = collections.deque(maxlen=_SEEN)
+        """Decoded JSON bodies of the last chat requests received, in order."""
+        self.headers_seen: collections.deque[dict[str, str]] = collections.deque(maxlen=_SEEN)
+        """Headers of the last chat requests received (names lower-cased), in order."""
         self._idle: anyio.Event | None = None
 
     @property
