@@ -112,11 +112,12 @@ def test_concurrency_section_reports_every_level_with_exact_events(results: dict
     result = results[concurrency.NAME]
     _well_formed(result)
     levels = result.results["levels"]
-    assert [(row["kind"], row["concurrency"]) for row in levels] == [("streams", 1), ("streams", 3), ("moa", 2)]
+    kinds = [(row["kind"], row["concurrency"]) for row in levels]
+    assert kinds == [("bare", 1), ("streams", 1), ("bare", 3), ("streams", 3), ("moa", 2)]
     for row in levels:
         assert row["errors"] == 0
         assert row["timed_out_rounds"] == 0
-        assert row["events_ok"] is True
+        assert row["events_ok"] is (None if row["kind"] == "bare" else True)
         assert row["sink_dropped"] == 0
         assert row["rss_peak_mb"] >= row["rss_before_mb"] > 0
         assert row["ttft_p50_ms"] <= row["ttft_p99_ms"]
@@ -146,7 +147,7 @@ def _turn(turn: str, calls: int = 4) -> list[EventKey]:
     return [
         *(EventKey("CallUsage", turn, f"{turn}-call-{i}") for i in range(calls)),
         EventKey("ReferenceDone", turn),
-        EventKey("TurnEnd", turn),
+        EventKey("TurnEnd", turn, calls=calls),
         EventKey("TurnTrace", turn),
     ]
 
@@ -165,12 +166,19 @@ def test_event_check_finds_a_missing_call_usage() -> None:
 
 
 def test_event_check_finds_a_duplicated_turn_end_and_a_reused_call_id() -> None:
-    events = [*_turn("a"), EventKey("TurnEnd", "a"), *_turn("b")]
+    events = [*_turn("a"), EventKey("TurnEnd", "a", calls=4), *_turn("b")]
     check = check_turn_events(events, turns=2, calls_per_turn=4)
     assert (check["ok"], check["lost"], check["duplicated"]) == (False, 0, 1)
     events = [*_turn("a"), EventKey("CallUsage", "a", "a-call-0"), *_turn("b")]
     check = check_turn_events(events, turns=2, calls_per_turn=4)
     assert (check["ok"], check["duplicated"], check["reused_call_ids"]) == (False, 1, 1)
+
+
+def test_event_check_tells_a_turn_of_fewer_calls_from_lost_events() -> None:
+    check = check_turn_events([*_turn("a"), *_turn("b", calls=3)], turns=2, calls_per_turn=4)
+    assert (check["ok"], check["lost"], check["odd_turns"]) == (False, 0, 1)
+    short_of_its_own_count = [*_turn("a"), *_turn("b", calls=3)[1:]]
+    assert check_turn_events(short_of_its_own_count, turns=2, calls_per_turn=4)["lost"] == 1
 
 
 def test_event_check_counts_a_silent_turn_as_lost_whole() -> None:
