@@ -1,9 +1,10 @@
 """Section 3, concurrency: many streams and MoA turns in flight at once on one event loop.
 
-For each level (1 to 1,000 in flight), a wrapped client (a counting sink and a trace_dir) runs that
-many workers at once, each streaming short completions back to back (at least
-`concurrency_streams` per round in all); the same for MoA turns (3 references + an aggregator, all
-streamed). One unmeasured round first opens the connections, then each measured round reports
+For each level (1 to 1,000 in flight), the bare SDK and then a wrapped client (pass-through, a
+counting sink and a trace_dir) run that many workers at once, each streaming short completions back
+to back (at least `concurrency_streams` per round in all); then the same levels of MoA turns (3
+references + an aggregator, all streamed, wrapped). One unmeasured round first opens the
+connections, then each measured round reports
 completions/s and chunks/s (wall clock), TTFT p50/p99 (first chunk the caller sees), peak RSS (sampled
 from /proc/self/statm on a thread during the round), RSS per in-flight stream or turn, RSS before and
 after the round (after a flush and a gc; also after glibc's malloc_trim, which tells memory still
@@ -30,12 +31,14 @@ from moa_stream import Preset
 from moa_stream._sim import SimModel
 
 from ._common import (
+    CONNECT_TIMEOUT_S,
     Config,
     EventTally,
     RssSampler,
     Section,
     SectionResult,
     check_turn_events,
+    drain,
     malloc_trim,
     new_client,
     percentile,
@@ -48,6 +51,7 @@ from ._streams import stream_model, stream_models
 NAME = "concurrency"
 TITLE = "Concurrency: streams and MoA turns in flight at once"
 PRESET = "trio"
+KINDS = {"bare": "bare streams", "streams": "wrapped streams", "moa": "MoA turns"}
 MB = 1024 * 1024
 
 
@@ -81,6 +85,9 @@ class RoundResult:
     rss_after_trim: int = 0
     events: dict[str, Any] | None = None
     sink_dropped: int = 0
+    drained: bool = True
+    drain_s: float = 0.0
+    """How long the flush after the round took (events still on their way when the round ended)."""
 
 
 async def run_round(
@@ -92,8 +99,10 @@ async def run_round(
     timeout_s: float,
     tally: EventTally | None = None,
     calls_per_turn: int = 1,
+    wrapped: bool = True,
 ) -> RoundResult:
-    """`workers` concurrent workers, each streaming `per_worker` completions back to back."""
+    """`workers` concurrent workers, each streaming `per_worker` completions back to back; then the
+    events are drained and, with `tally`, checked."""
     result = RoundResult(attempted=workers * per_worker)
 
     async def worker(index: int) -> None:
@@ -127,11 +136,12 @@ async def run_round(
             result.timed_out = True
         result.wall_s = time.perf_counter() - started
     result.rss_peak = sampler.peak
-    await moa_stream.flush(client)
+    if wrapped:
+        result.drained, result.drain_s = await drain(client)
+        result.sink_dropped = sum(stats.dropped for stats in moa_stream.engine_of(client).sink_stats())
     if tally is not None:
         result.events = check_turn_events(tally.keys, turns=result.started, calls_per_turn=calls_per_turn)
         tally.clear()
-    result.sink_dropped = sum(stats.dropped for stats in moa_stream.engine_of(client).sink_stats())
     gc.collect()
     result.rss_after = rss_bytes()
     malloc_trim()
@@ -142,24 +152,29 @@ async def run_round(
 async def run_level(
     base_url: str, config: Config, work_dir: Path, *, kind: str, level: int
 ) -> tuple[dict[str, Any], list[RoundResult]]:
+    """`kind` is `bare` (the SDK alone), `streams` (wrapped pass-through) or `moa` (MoA turns)."""
     moa = kind == "moa"
+    wrapped = kind != "bare"
     calls = 4 if moa else 1
     gc.collect()
     rss_cold = rss_bytes()
     connections = calls * level + 16
-    tally = EventTally()
-    options: dict[str, Any] = {"sinks": [tally], "trace_dir": work_dir / f"{kind}-{level}"}
-    if moa:
-        # The default of 16 reference calls in flight per upstream would queue the references.
-        options |= {"presets": {PRESET: trio(config.concurrency_chunks)}, "upstream_concurrency": 3 * level + 16}
-    client = wrap_client(new_client(base_url, connections=connections), **options)
+    tally = EventTally() if wrapped else None
+    client = new_client(base_url, connections=connections)
+    if wrapped:
+        options: dict[str, Any] = {"sinks": [tally], "trace_dir": work_dir / f"{kind}-{level}"}
+        if moa:
+            # The default of 16 reference calls in flight per upstream would queue the references.
+            options |= {"presets": {PRESET: trio(config.concurrency_chunks)}, "upstream_concurrency": 3 * level + 16}
+        client = wrap_client(client, **options)
     model = f"moa:{PRESET}" if moa else stream_model(config.concurrency_chunks)
     per_worker = math.ceil(config.concurrency_streams / level)
     rounds: list[RoundResult] = []
     try:
         # Unmeasured: opens the level's connections, so that "before" already holds the pool.
-        await run_round(client, model, workers=level, per_worker=1, timeout_s=config.round_timeout_s)
-        tally.clear()
+        await run_round(client, model, workers=level, per_worker=1, timeout_s=config.round_timeout_s, wrapped=wrapped)
+        if tally is not None:
+            tally.clear()
         for _ in range(config.concurrency_rounds):
             rounds.append(
                 await run_round(
@@ -170,6 +185,7 @@ async def run_level(
                     timeout_s=config.round_timeout_s,
                     tally=tally,
                     calls_per_turn=calls,
+                    wrapped=wrapped,
                 )
             )
     finally:
@@ -195,7 +211,9 @@ async def run_level(
         "first_error": next((r.first_error for r in rounds if r.first_error), None),
         "timed_out_rounds": sum(r.timed_out for r in rounds),
         "sink_dropped": sum(r.sink_dropped for r in rounds),
-        "events_ok": all(r.events is not None and r.events["ok"] for r in rounds),
+        "drained": all(r.drained for r in rounds),
+        "drain_s_max": max(r.drain_s for r in rounds),
+        "events_ok": all(r.events is not None and r.events["ok"] for r in rounds) if wrapped else None,
         "events": [r.events for r in rounds],
     }
     return summary, rounds
@@ -203,10 +221,15 @@ async def run_level(
 
 async def run(base_url: str, config: Config, work_dir: Path) -> SectionResult:
     levels: list[dict[str, Any]] = []
-    for kind, kind_levels in (("streams", config.stream_levels), ("moa", config.moa_levels)):
-        for level in kind_levels:
-            summary, _ = await run_level(base_url, config, work_dir, kind=kind, level=level)
-            levels.append(summary)
+    runs = [(kind, level) for level in config.stream_levels for kind in ("bare", "streams")]
+    runs += [("moa", level) for level in config.moa_levels]
+    for kind, level in runs:
+        summary, _ = await run_level(base_url, config, work_dir, kind=kind, level=level)
+        levels.append(summary)
+    bare = {row["concurrency"]: row for row in levels if row["kind"] == "bare"}
+    for row in levels:
+        if row["kind"] == "streams" and row["concurrency"] in bare:
+            row["throughput_over_bare"] = row["completions_per_s"] / bare[row["concurrency"]]["completions_per_s"]
     headers = [
         "kind",
         "in flight",
@@ -222,7 +245,7 @@ async def run(base_url: str, config: Config, work_dir: Path) -> SectionResult:
     ]
     rows = [
         [
-            "MoA turns" if row["kind"] == "moa" else "streams",
+            KINDS[row["kind"]],
             f"{row['concurrency']:,}",
             f"{row['per_round']:,}",
             f"{row['completions_per_s']:,.0f}",
@@ -240,7 +263,8 @@ async def run(base_url: str, config: Config, work_dir: Path) -> SectionResult:
         f"streams of {config.concurrency_chunks} chunks; MoA turns are 3 references + an aggregator of that length, "
         "upstream_concurrency = 3 x in-flight + 16 (the default 16 would queue the references)",
         "pool: the SDK's default is 1,000 connections with 100 kept alive; each level uses calls x in-flight + 16, "
-        f"all kept alive. Listen backlog: anyio asks for 65,536, the kernel caps it at somaxconn = {somaxconn()}",
+        f"all kept alive, and a {CONNECT_TIMEOUT_S:g} s connect timeout (the SDK's 5 s expires while the loop is "
+        f"busy). Listen backlog: anyio asks for 65,536, the kernel caps it at somaxconn = {somaxconn()}",
         "RSS before/after: after an unmeasured round that opens the pool, before the first measured round and after "
         "the last (after flush + gc); in parentheses after malloc_trim",
     ]
@@ -250,6 +274,13 @@ async def run(base_url: str, config: Config, work_dir: Path) -> SectionResult:
         for row in levels
         if row["errors"] or row["timed_out_rounds"]
     ]
+    ratios = [
+        f"{row['throughput_over_bare']:.2f}x at {row['concurrency']:,}"
+        for row in levels
+        if "throughput_over_bare" in row
+    ]
+    if ratios:
+        notes.append("wrapped streams' completions/s over bare: " + ", ".join(ratios))
     notes += _target_notes(levels)
     return SectionResult(
         section=NAME,
@@ -274,23 +305,32 @@ def _ms(value: float | None) -> str:
 
 
 def _events(row: dict[str, Any]) -> str:
-    if row["events_ok"] and not row["sink_dropped"]:
+    if row["events_ok"] is None:
+        return "-"
+    if row["events_ok"] and not row["sink_dropped"] and row["drained"]:
         return "exact"
-    lost = sum(e["lost"] for e in row["events"] if e)
-    duplicated = sum(e["duplicated"] for e in row["events"] if e)
-    return f"lost {lost}, dup {duplicated}, dropped {row['sink_dropped']}"
+    counts = {key: sum(e[key] for e in row["events"] if e) for key in ("lost", "duplicated", "odd_turns")}
+    text = f"lost {counts['lost']}, dup {counts['duplicated']}, odd turns {counts['odd_turns']}"
+    if row["sink_dropped"]:
+        text += f", dropped {row['sink_dropped']}"
+    return text if row["drained"] else text + ", not drained"
 
 
 def _target_notes(levels: list[dict[str, Any]]) -> list[str]:
     top = max((row for row in levels if row["kind"] == "moa"), key=lambda row: row["concurrency"], default=None)
     if top is None:
         return []
-    exact = top["events_ok"] and not top["sink_dropped"] and not top["errors"]
+    events = [e for e in top["events"] if e]
+    lost = sum(e["lost"] for e in events) + top["sink_dropped"]
+    duplicated = sum(e["duplicated"] for e in events)
+    exact = top["events_ok"] and not top["sink_dropped"] and top["drained"] and not top["errors"]
     grew = top["rss_after_mb"] - top["rss_before_mb"]
     grew_trim = top["rss_after_trim_mb"] - top["rss_before_mb"]
     return [
-        f"target {top['concurrency']:,} concurrent MoA turns, zero lost or duplicated events: "
-        f"{'met' if exact else 'MISSED'} ({_events(top)}, {top['errors']} errors)",
+        f"target {top['concurrency']:,} concurrent MoA turns with zero lost or duplicated events: "
+        f"{'met' if exact else 'MISSED'} ({lost} lost, {duplicated} duplicated, "
+        f"{sum(e['odd_turns'] for e in events)} turns without 4 calls, {top['errors']} errors; "
+        f"the last events arrived {top['drain_s_max']:.1f} s after the round)",
         f"target RSS back to baseline after the {top['concurrency']:,}-turn rounds: before "
         f"{top['rss_before_mb']:.0f} MB, after {top['rss_after_mb']:.0f} MB ({grew:+.0f} MB), after malloc_trim "
         f"{top['rss_after_trim_mb']:.0f} MB ({grew_trim:+.0f} MB)",
@@ -299,7 +339,7 @@ def _target_notes(levels: list[dict[str, Any]]) -> list[str]:
 
 def plot(result: SectionResult, plt: Any) -> Any:
     figure, (rate_axes, ttft_axes, rss_axes) = plt.subplots(1, 3, figsize=(14, 4.5))
-    for kind, label in (("streams", "streams"), ("moa", "MoA turns")):
+    for kind, label in KINDS.items():
         rows = [row for row in result.results["levels"] if row["kind"] == kind]
         if not rows:
             continue

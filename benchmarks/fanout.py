@@ -18,11 +18,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-import moa_stream
 from moa_stream import Preset
 from moa_stream._sim import SimModel
 
-from ._common import Config, EventTally, Section, SectionResult, new_client, percentile, rotated, wrap_client
+from ._common import (
+    Config,
+    EventTally,
+    Section,
+    SectionResult,
+    drain,
+    new_client,
+    percentile,
+    rotated,
+    wrap_client,
+)
 from ._streams import stream_model, stream_models
 
 NAME = "fanout"
@@ -86,12 +95,12 @@ async def run(base_url: str, config: Config, work_dir: Path) -> SectionResult:
         try:
             for name in modes:  # warm-up: connections and code paths
                 await run_turns(client, name, turns=level, concurrency=level, ttfts=[])
-            await moa_stream.flush(client)
+            await drain(client)
             tally.clear()
             for round_index in range(config.fanout_rounds):
                 for name in rotated(list(modes), round_index):
                     await run_turns(client, name, turns=per_batch, concurrency=level, ttfts=ttfts[name])
-            await moa_stream.flush(client)
+            await drain(client)
         finally:
             await client.close()
         for name in modes:
