@@ -384,9 +384,25 @@ def print_section(result: SectionResult) -> None:
         print(f"note: {note}")
 
 
+def source_revision() -> str | None:
+    """The checkout's commit, with `+dirty` when the package's files differ from it."""
+    root = Path(moa_stream.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "moa_stream")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
-    """Where the figures come from: versions, machine, date."""
+    """Where the figures come from: versions, machine, date, the package's commit."""
     return {
+        "moa_stream": source_revision(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "openai": openai.__version__,
