@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -371,9 +372,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)])
 
 
+_FIGURE = re.compile(r"[-+\d.,/() ]*")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """The same table in GitHub Markdown (for the README)."""
-    align = ["---" if i == 0 else "---:" for i in range(len(headers))]
+    """The same table in GitHub Markdown (for the README): columns of figures right-aligned."""
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in headers]
+    align = ["---:" if all(_FIGURE.fullmatch(str(cell)) for cell in column) else "---" for column in columns]
     return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [headers, align, *rows])
 
 
