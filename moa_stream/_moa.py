@@ -265,7 +265,11 @@ async def _fan_out(
 async def _read_reference(
     presets: Presets, preset: Preset, call: Call, upstream: Upstream, payload: dict[str, Any]
 ) -> None:
-    """Stream one reference to its end; its call always ends, whatever stops it."""
+    """Stream one reference to its end; its call always ends, whatever stops it.
+
+    A reference that fails (HTTP error, dropped connection, malformed stream) is a failed
+    reference, recorded and left out, never the turn's failure; cancellation still propagates.
+    """
     timeout = preset.reference_timeout
     call.deadline = (anyio.current_time() + timeout, timeout)
     try:
@@ -277,6 +281,8 @@ async def _read_reference(
                         pass
                 finally:
                     await response.aclose()
+    except Exception as exc:
+        call.end(*call.interrupted(exc))
     except BaseException as exc:
         call.end(*call.interrupted(exc))
         raise

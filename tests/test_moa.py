@@ -356,3 +356,32 @@ async def test_aggregator_slot_system_instruction_leads_its_messages(wrapped: Wr
     assert sent[0]["role"] == "system"
     assert sent[0]["content"].startswith("Answer in French.\n\n")  # the reference block follows it
     assert sent[1:] == USER
+
+
+@pytest.mark.parametrize("fault", ["disconnect", "malformed", "stream_error"])
+async def test_reference_broken_mid_stream_is_a_failed_reference_not_a_failed_turn(
+    wrapped: Wrapped, log: EventLog, sim: Simulator, fault: str
+) -> None:
+    broken = Simulator([SimModel(name="broken", fault=Fault(kind=fault, after_chunks=2))])  # type: ignore[arg-type]
+    other = sim_client(broken, base_url="http://broken.local/v1")
+    presets = {"b": Preset(references=["ref-a", Slot(model="broken", client=other)], aggregator="agg")}
+    client = wrapped(presets=presets)
+    reply = await client.chat.completions.create(model="moa:b", messages=USER)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content
+    await log.wait_turns(1)
+    failed = next(c for c in log.of(moa_stream.CallUsage) if c.label == "broken")
+    assert failed.status == "error"
+    assert failed.error
+    assert log.of(moa_stream.TurnEnd)[0].status == "completed"
+    await other.close()
+
+
+async def test_unreachable_reference_upstream_is_a_failed_reference(wrapped: Wrapped, log: EventLog) -> None:
+    dead = Slot(model="x", base_url="http://127.0.0.1:9/v1")
+    client = wrapped(presets={"d": Preset(references=["ref-a", dead], aggregator="agg")})
+    reply = await client.chat.completions.create(model="moa:d", messages=USER)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content
+    await log.wait_turns(1)
+    failed = next(c for c in log.of(moa_stream.CallUsage) if c.label == "x")
+    assert (failed.status, failed.http_status) == ("error", None)
+    assert "ConnectError" in (failed.error or "")
