@@ -6,15 +6,24 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.abc
 
 
-async def run_layer(size: int, run_one: Callable[[int], Awaitable[bool]], *, quorum: int | None, grace: float) -> float:
-    """Run `run_one(0..size-1)` in one task group and return when the rule allows moving on.
+async def run_layer(
+    size: int,
+    run_one: Callable[[int], Awaitable[bool]],
+    *,
+    quorum: int | None,
+    grace: float,
+    task_group: anyio.abc.TaskGroup,
+) -> float:
+    """Start `run_one(0..size-1)` in `task_group` and return as soon as the rule allows moving on.
 
     The rule: once `quorum` of them have succeeded (`run_one` returned True), wait at most `grace`
-    seconds for the rest, then cancel them; with no quorum, wait for all. Returns the
-    `time.perf_counter()` at which the rule was met, so the caller can measure what follows.
-    `run_one` must record its own outcome when cancelled; cancellation here only stops stragglers.
+    seconds for the rest, then cancel them; with no quorum, wait for all. Cancelled stragglers wind
+    down in `task_group` (the caller's, which outlives this call), so their cleanup is not on the
+    path to the next request. Returns the `time.perf_counter()` at which the rule was met.
+    `run_one` must record its own outcome when cancelled.
     """
     if size == 0:
         return time.perf_counter()
@@ -22,12 +31,14 @@ async def run_layer(size: int, run_one: Callable[[int], Awaitable[bool]], *, quo
     succeeded = finished = 0
     quorum_met = anyio.Event()
     all_done = anyio.Event()
+    scopes = [anyio.CancelScope() for _ in range(size)]
 
     async def one(index: int) -> None:
         nonlocal succeeded, finished
         ok = False
         try:
-            ok = await run_one(index)
+            with scopes[index]:
+                ok = await run_one(index)
         finally:
             finished += 1
             succeeded += ok
@@ -36,13 +47,13 @@ async def run_layer(size: int, run_one: Callable[[int], Awaitable[bool]], *, quo
             if finished == size:
                 all_done.set()
 
-    async with anyio.create_task_group() as tasks:
-        for index in range(size):
-            tasks.start_soon(one, index)
-        await quorum_met.wait()
-        if not all_done.is_set():
-            with anyio.move_on_after(grace):
-                await all_done.wait()
-        met_at = time.perf_counter()
-        tasks.cancel_scope.cancel()
+    for index in range(size):
+        task_group.start_soon(one, index)
+    await quorum_met.wait()
+    if not all_done.is_set():
+        with anyio.move_on_after(grace):
+            await all_done.wait()
+    met_at = time.perf_counter()
+    for scope in scopes:
+        scope.cancel()
     return met_at

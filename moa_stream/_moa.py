@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import anyio
+import anyio.abc
 import openai
 
 from ._cadence import CachedReferences, ReferenceCache, user_turn_key
@@ -110,11 +111,36 @@ async def run_turn(
     turn = engine.new_turn(session_id=session_id, model=model)
     turn.preset = name
     try:
-        gathered = await _gather_references(presets, preset, name, turn, upstreams, messages)
-    except BaseException:
-        turn.seal()  # every reference call has ended; the turn still gets its TurnEnd and trace
+        # Stragglers cancelled by the quorum rule wind down in this group while the aggregator's
+        # request goes out; leaving it waits for them, after the response has arrived.
+        async with anyio.create_task_group() as stragglers:
+            return await _answer(presets, preset, name, turn, upstreams, messages, payload, default, stragglers)
+    except BaseExceptionGroup as group:
+        turn.seal()  # every call has ended; the turn still gets its TurnEnd and trace
+        if len(group.exceptions) == 1:
+            # The aggregator's own failure, unwrapped: the caller's SDK maps it as for any call.
+            raise group.exceptions[0] from None
         raise
-    references, missing, stale, allowed_at = gathered
+    except BaseException:
+        turn.seal()
+        raise
+
+
+async def _answer(
+    presets: Presets,
+    preset: Preset,
+    name: str,
+    turn: Turn,
+    upstreams: dict[str, Upstream],
+    messages: list[Any],
+    payload: dict[str, Any],
+    default: Upstream,
+    stragglers: anyio.abc.TaskGroup,
+) -> Any:
+    model = f"{MOA_PREFIX}{name}"
+    references, missing, stale, allowed_at = await _gather_references(
+        presets, preset, name, turn, upstreams, messages, stragglers
+    )
     if not references and preset.on_all_failed == "error":
         turn.seal()
         failures = "; ".join(f"{u.label}: {u.error or u.status}" for u in turn.calls_so_far())
@@ -142,7 +168,7 @@ async def run_turn(
         main=True,
     )
     turn.seal()
-    engine.emit(
+    turn.engine.emit(
         Aggregating(
             turn_id=turn.turn_id,
             session_id=turn.session_id,
@@ -155,7 +181,7 @@ async def run_turn(
     )
     rewrite = _turn_usage(turn) if preset.usage == "turn" else None
     turn.aggregator_wait_s = time.perf_counter() - allowed_at
-    return await send_chat(engine, call, upstream, agg_payload, rewrite_usage=rewrite)
+    return await send_chat(turn.engine, call, upstream, agg_payload, rewrite_usage=rewrite)
 
 
 async def _gather_references(
@@ -165,6 +191,7 @@ async def _gather_references(
     turn: Turn,
     upstreams: dict[str, Upstream],
     messages: list[Any],
+    stragglers: anyio.abc.TaskGroup,
 ) -> tuple[list[Reference], list[str], bool, float]:
     """The last layer's answers, the labels that failed, whether they predate newer tool results,
     and when the fan-out rule allowed the aggregator to start."""
@@ -184,7 +211,7 @@ async def _gather_references(
     for number, layer in enumerate(preset.reference_layers(), start=1):
         # A proposer of a later layer sees the previous layer's answers.
         calls, allowed_at = await _fan_out(
-            presets, preset, turn, upstreams, messages, layer, number, references, missing
+            presets, preset, turn, upstreams, messages, layer, number, references, missing, stragglers
         )
         references, missing = [], []
         for slot, call in zip(layer, calls, strict=True):
@@ -207,6 +234,7 @@ async def _fan_out(
     number: int,
     previous: list[Reference],
     previous_missing: list[str],
+    stragglers: anyio.abc.TaskGroup,
 ) -> tuple[list[Call | None], float]:
     """Run one layer's references; their calls in slot order, and when the quorum rule was met."""
     calls: list[Call | None] = [None] * len(layer)
@@ -258,7 +286,7 @@ async def _fan_out(
             )
         return call.usage.status == "completed"
 
-    allowed_at = await run_layer(len(layer), run_one, quorum=preset.quorum, grace=preset.grace)
+    allowed_at = await run_layer(len(layer), run_one, quorum=preset.quorum, grace=preset.grace, task_group=stragglers)
     return calls, allowed_at
 
 
