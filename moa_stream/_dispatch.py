@@ -95,6 +95,12 @@ class _SinkRunner:
                 for item in batch:
                     if isinstance(item, _Marker):
                         item.done.set()
+        aclose = getattr(self.sink, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                logger.exception("moa_stream sink %s failed to close", self.name)
 
     async def _deliver(self, events: list[Event]) -> None:
         write_batch = getattr(self.sink, "write_batch", None)

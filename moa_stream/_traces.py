@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiofiles
 import msgspec
@@ -17,11 +19,15 @@ def _private_file(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+_OPEN_FILES = 16
+
+
 class TraceWriter:
     """An async sink that appends each `TurnTrace` as one line; the dispatcher hands it batches.
 
-    Lines are only ever appended whole, in one write per batch, so a crash can tear at most the
-    last line of a file.
+    Lines are only ever appended whole, in one unbuffered write per batch and file, so a crash can
+    tear at most the last line of a file. The most recently used files stay open (a file that was
+    moved or deleted meanwhile, as by log rotation, is opened anew).
     """
 
     def __init__(self, trace_dir: str | os.PathLike[str]) -> None:
@@ -33,6 +39,7 @@ class TraceWriter:
         if not self.directory.is_dir():
             raise ValueError(f"trace_dir {str(trace_dir)!r} is not a directory")
         self.written = 0
+        self._files: OrderedDict[Path, Any] = OrderedDict()
 
     def path_for(self, session_id: str) -> Path:
         return self.directory / f"{sanitize_session_id(session_id)}.jsonl"
@@ -47,9 +54,36 @@ class TraceWriter:
             if isinstance(event, TurnTrace):
                 lines.setdefault(event.session_id, []).append(event_encoder.encode(event) + b"\n")
         for session_id, session_lines in lines.items():
-            async with aiofiles.open(self.path_for(session_id), "ab", opener=_private_file) as file:
-                await file.write(b"".join(session_lines))
+            file = await self._file(self.path_for(session_id))
+            await file.write(b"".join(session_lines))
             self.written += len(session_lines)
+
+    async def _file(self, path: Path) -> Any:
+        file = self._files.get(path)
+        if file is not None and _same_file(path, file.fileno()):
+            self._files.move_to_end(path)
+            return file
+        if file is not None:
+            del self._files[path]
+            await file.close()
+        while len(self._files) >= _OPEN_FILES:
+            _, oldest = self._files.popitem(last=False)
+            await oldest.close()
+        file = self._files[path] = await aiofiles.open(path, "ab", buffering=0, opener=_private_file)
+        return file
+
+    async def aclose(self) -> None:
+        """Close the open trace files (the dispatcher calls it when it stops)."""
+        while self._files:
+            _, file = self._files.popitem()
+            await file.close()
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
 
 
 def read_traces(path: str | os.PathLike[str]) -> Iterator[TurnTrace]:

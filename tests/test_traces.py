@@ -123,3 +123,16 @@ def test_files_are_created_with_private_mode_even_with_a_permissive_umask(tmp_pa
         assert stat.S_IMODE(writer.directory.stat().st_mode) == 0o700
     finally:
         os.umask(old)
+
+
+async def test_a_rotated_trace_file_is_opened_anew(upstream: openai.AsyncOpenAI, tmp_path: Path) -> None:
+    client = moa_stream.wrap(upstream, trace_dir=tmp_path)
+    with moa_stream.session("rotating"):
+        await client.chat.completions.create(model="sim-small", messages=USER)
+        assert await moa_stream.flush(client)
+        (tmp_path / "rotating.jsonl").rename(tmp_path / "rotating.jsonl.1")  # what logrotate does
+        await client.chat.completions.create(model="sim-large", messages=USER)
+    await client.close()
+    [old] = moa_stream.read_traces(tmp_path / "rotating.jsonl.1")
+    [new] = moa_stream.read_traces(tmp_path / "rotating.jsonl")
+    assert (old.model, new.model) == ("sim-small", "sim-large")
