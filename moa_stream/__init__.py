@@ -6,6 +6,8 @@ HTTP transport and reported as events and per-turn trace records.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._config import ConfigError, Preset, SelfMoA, Slot, load_config, self_moa, validate_presets
 from ._dispatch import Sink, SinkStats
 from ._events import (
@@ -44,6 +46,7 @@ __all__ = [
     "Event",
     "MOA_PREFIX",
     "ModelPrice",
+    "OTelSink",
     "OutputSource",
     "Preset",
     "PriceTable",
@@ -72,3 +75,15 @@ __all__ = [
     "validate_presets",
     "wrap",
 ]
+
+if TYPE_CHECKING:
+    from ._otel import OTelSink
+
+
+def __getattr__(name: str) -> Any:
+    # OTelSink needs the optional `otel` extra: import it only when asked for.
+    if name == "OTelSink":
+        from ._otel import OTelSink
+
+        return OTelSink
+    raise AttributeError(f"module 'moa_stream' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The `moa-stream` command: `demo`, `sim` and `bench`."""
+"""The `moa-stream` command: `demo`, `sim`, `traces` and `bench`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+
+from ._traces_cli import add_traces_parser, run_traces
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench.add_argument("--out-dir", type=Path, help="where the JSON and PNG files go (default: benchmarks/results)")
 
+    add_traces_parser(commands)
+
     args = parser.parse_args(argv)
+    if args.command == "traces":
+        return run_traces(args)
     if args.command == "bench":
         return _bench(args, argv)
     if args.command == "demo":

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import openai
+import pytest
 
 import moa_stream
 from moa_stream._demo import run_demo
@@ -101,3 +102,10 @@ asyncio.run(main())
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=60)
     [trace] = moa_stream.read_traces(tmp_path / "exit.jsonl")
     assert trace.end.status == "completed"
+
+
+def test_traces_command_is_wired_into_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moa_stream._cli import main
+
+    assert main(["traces", "stats", str(tmp_path)]) == 1  # no trace files: bad input, said clearly
+    assert "jsonl" in capsys.readouterr().err
