@@ -1,4 +1,4 @@
-"""The `moa-stream` command: `demo`, `sim`, `traces` and `bench`."""
+"""The `moa-stream` command: `demo`, `sim`, `serve`, `traces` and `bench`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 
+from ._server import add_serve_parser, run_serve
 from ._traces_cli import add_traces_parser, run_traces
 
 
@@ -45,9 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench.add_argument("--out-dir", type=Path, help="where the JSON and PNG files go (default: benchmarks/results)")
 
+    add_serve_parser(commands)
     add_traces_parser(commands)
 
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "traces":
         return run_traces(args)
     if args.command == "bench":

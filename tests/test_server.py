@@ -1,0 +1,380 @@
+"""`moa-stream serve`: an OpenAI-compatible endpoint in front of one wrapped client, on real loopback HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import openai
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+import moa_stream
+from moa_stream import Preset
+from moa_stream._httpcompat import default_module
+from moa_stream._sim import Fault, SimModel, Simulator
+from moa_stream._sim_transport import sim_client
+
+from .conftest import MODELS, EventLog
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from moa_stream._server import (
+    DEFAULT_MAX_BODY_BYTES,
+    Server,
+    add_serve_parser,
+    create_app,
+    run_serve,
+)
+
+USER = [{"role": "user", "content": "Tell me about streams"}]
+CHAT = {"model": "sim-small", "messages": USER}
+TOKEN = "sk-serve-sentinel-9c1e"
+# Unknown names answer instantly on the simulator, and are told apart in events.
+PRESETS = {"duo": Preset(references=["m1", "m2"], aggregator="m3")}
+
+Serve = Callable[..., AbstractAsyncContextManager[Server]]
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator(
+        [
+            *MODELS,
+            # Long enough that a stream is still going when a test acts on it (10 s at full length).
+            SimModel(name="sim-long", tokens_per_s=500.0, reply_tokens=5000),
+            SimModel(name="sim-limited", fault=Fault(kind="http_429")),
+        ]
+    )
+
+
+@pytest.fixture
+def serve(sim: Simulator, log: EventLog, tmp_path: Path) -> Serve:
+    """`async with serve(**create_app_options) as server:` the app around a wrapped in-process
+    simulator client (sink: `log`, traces in tmp_path/traces) on a free loopback port. Leaving the
+    block shuts the server down, which closes the client and so drains every event and trace line."""
+
+    @contextlib.asynccontextmanager
+    async def serving(**options: Any) -> AsyncIterator[Server]:
+        client = moa_stream.wrap(
+            sim_client(sim, max_retries=0), presets=PRESETS, sinks=[log], trace_dir=tmp_path / "traces"
+        )
+        async with Server(create_app(client, **options), port=0, graceful_timeout=5) as server:
+            yield server
+
+    return serving
+
+
+def caller(server: Server, api_key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key=api_key, max_retries=0)
+
+
+def raw(server: Server) -> Any:
+    """A plain HTTP client (httpx or httpx2, whichever the SDK uses) for requests no SDK would send."""
+    return default_module().AsyncClient(base_url=server.base_url, timeout=10)
+
+
+def assert_openai_error(response: Any, status: int, *, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    return error
+
+
+# -- pass-through ---------------------------------------------------------------------------------
+
+
+async def test_streamed_chat_reaches_the_caller_as_the_upstream_sent_it(
+    serve: Serve, sim: Simulator, log: EventLog
+) -> None:
+    async with serve() as server, caller(server) as client:
+        stream = await client.chat.completions.create(model="sim-large", messages=USER, stream=True)
+        served = [chunk.model_dump() async for chunk in stream]
+    async with sim_client(sim) as bare:
+        stream = await bare.chat.completions.create(model="sim-large", messages=USER, stream=True)
+        direct = [chunk.model_dump() async for chunk in stream]
+    assert served == direct
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.role, call.model, call.status) == ("direct", "sim-large", "completed")
+    assert call.output_tokens == 40
+
+
+async def test_non_streamed_chat_reaches_the_caller_as_the_upstream_sent_it(
+    serve: Serve, sim: Simulator, log: EventLog
+) -> None:
+    async with serve() as server, caller(server) as client:
+        served = await client.chat.completions.create(**CHAT)
+    async with sim_client(sim) as bare:
+        direct = await bare.chat.completions.create(**CHAT)
+    assert served.model_dump() == direct.model_dump()
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.role, call.status, call.usage_source) == ("direct", "completed", "reported")
+
+
+async def test_streamed_preset_runs_a_moa_turn(serve: Serve, log: EventLog) -> None:
+    async with serve() as server, caller(server) as client:
+        stream = await client.chat.completions.create(model="moa:duo", messages=USER, stream=True)
+        text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+    calls = log.of(moa_stream.CallUsage)
+    assert sorted((c.role, c.model, c.status) for c in calls) == [
+        ("aggregator", "m3", "completed"),
+        ("reference", "m1", "completed"),
+        ("reference", "m2", "completed"),
+    ]
+    [end] = log.of(moa_stream.TurnEnd)
+    assert (end.model, end.calls, end.status) == ("moa:duo", 3, "completed")
+    [trace] = log.of(moa_stream.TurnTrace)
+    assert text
+    assert trace.calls[-1].output.text == text
+
+
+async def test_models_lists_the_presets_then_the_upstreams_models(serve: Serve) -> None:
+    async with serve() as server, caller(server) as client:
+        ids = [model.id async for model in client.models.list()]
+    assert ids[0] == "moa:duo"
+    assert {"sim-small", "sim-large", "sim-long"} <= set(ids[1:])
+
+
+async def test_session_header_reaches_the_library(serve: Serve, log: EventLog, tmp_path: Path) -> None:
+    async with serve() as server, caller(server) as client:
+        await client.chat.completions.create(**CHAT, extra_headers={"X-MoA-Session": "team-a"})
+    [call] = log.of(moa_stream.CallUsage)
+    assert call.session_id == "team-a"
+    assert len(list(moa_stream.read_traces(tmp_path / "traces" / "team-a.jsonl"))) == 1
+
+
+async def test_upstream_error_comes_back_with_its_status_and_body(serve: Serve, log: EventLog) -> None:
+    async with serve() as server, raw(server) as http:
+        response = await http.post("chat/completions", json=CHAT | {"model": "sim-limited"})
+    assert response.status_code == 429
+    assert response.json() == {
+        "error": {
+            "message": "Rate limit reached for requests (simulated).",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    assert response.headers["retry-after"] == "0"
+    assert response.headers["x-request-id"].startswith("sim-req-")
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.status, call.http_status) == ("error", 429)
+
+
+async def test_unknown_preset_is_the_librarys_404(serve: Serve, log: EventLog) -> None:
+    async with serve() as server, raw(server) as http:
+        response = await http.post("chat/completions", json=CHAT | {"model": "moa:nope"})
+    error = assert_openai_error(response, 404, param="model")
+    assert error["code"] == "model_not_found"
+    assert "moa:duo" in error["message"]
+    assert log.of(moa_stream.CallUsage) == []  # refused before any upstream call
+
+
+# -- what the server refuses ----------------------------------------------------------------------
+
+
+async def test_malformed_json_is_a_400_in_openai_shape(serve: Serve, log: EventLog) -> None:
+    async with serve() as server, raw(server) as http:
+        response = await http.post(
+            "chat/completions",
+            content=b'{"model": "sim-small", "messages": [',
+            headers={"content-type": "application/json"},
+        )
+    error = assert_openai_error(response, 400)
+    assert "not valid JSON" in error["message"]
+    assert log.of(moa_stream.CallUsage) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ([CHAT], None, "JSON object"),
+        ({"messages": USER}, "model", "model"),
+        ({"model": 7, "messages": USER}, "model", "model"),
+        ({"model": "sim-small"}, "messages", "messages"),
+        ({"model": "sim-small", "messages": "hi"}, "messages", "messages"),
+    ],
+)
+async def test_body_that_is_no_chat_request_is_a_400_naming_the_problem(
+    serve: Serve, log: EventLog, body: object, param: str | None, says: str
+) -> None:
+    async with serve() as server, raw(server) as http:
+        response = await http.post("chat/completions", json=body)
+    error = assert_openai_error(response, 400, param=param)
+    assert says in error["message"]
+    assert log.of(moa_stream.CallUsage) == []
+
+
+async def test_body_declared_over_the_limit_is_a_413(serve: Serve, log: EventLog) -> None:
+    big = CHAT | {"messages": [{"role": "user", "content": "x" * 2048}]}
+    async with serve(max_body_bytes=1024) as server, raw(server) as http:
+        response = await http.post("chat/completions", json=big)
+    error = assert_openai_error(response, 413)
+    assert "1024 bytes" in error["message"]
+    assert log.of(moa_stream.CallUsage) == []
+
+
+async def test_body_sent_without_a_length_is_cut_off_at_the_limit(serve: Serve, log: EventLog) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # chunked transfer encoding: no Content-Length to trust
+        yield b'{"model": "sim-small", "messages": [{"role": "user", "content": "'
+        for _ in range(64):
+            yield b"x" * 64
+        yield b'"}]}'
+
+    async with serve(max_body_bytes=1024) as server, raw(server) as http:
+        response = await http.post("chat/completions", content=chunks())
+    assert "content-length" not in response.request.headers
+    assert_openai_error(response, 413)
+    assert log.of(moa_stream.CallUsage) == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer sk-wrong"}, {"authorization": f"Basic {TOKEN}"}, {"authorization": "Bearer"}],
+    ids=["missing", "wrong", "not-bearer", "empty"],
+)
+async def test_request_without_the_bearer_token_is_a_401(serve: Serve, log: EventLog, headers: dict[str, str]) -> None:
+    async with serve(token=TOKEN) as server, raw(server) as http:
+        chat = await http.post("chat/completions", json=CHAT, headers=headers)
+        models = await http.get("models", headers=headers)
+    for response in (chat, models):
+        error = assert_openai_error(response, 401)
+        assert error["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert TOKEN not in response.text
+    assert log.of(moa_stream.CallUsage) == []
+
+
+async def test_request_with_the_bearer_token_is_served(serve: Serve, log: EventLog, tmp_path: Path) -> None:
+    async with serve(token=TOKEN) as server, caller(server, api_key=TOKEN) as client:
+        completion = await client.chat.completions.create(**CHAT, extra_headers={"X-MoA-Session": "authed"})
+    assert completion.choices[0].message.content
+    [call] = log.of(moa_stream.CallUsage)
+    assert call.status == "completed"
+    assert TOKEN not in repr(log.events)
+    assert TOKEN not in (tmp_path / "traces" / "authed.jsonl").read_text()
+
+
+async def test_requests_over_the_per_client_limit_are_a_429_with_retry_after(serve: Serve) -> None:
+    async with serve(max_concurrent_per_client=1) as server, raw(server) as http:
+        long = CHAT | {"model": "sim-long", "stream": True}
+        async with http.stream("POST", "chat/completions", json=long) as first:
+            assert first.status_code == 200
+            chunks = first.aiter_bytes()  # kept: a collected iterator would close the response
+            await anext(chunks)  # the first request holds its slot while it streams
+            second = await http.post("chat/completions", json=CHAT)
+    error = assert_openai_error(second, 429)
+    assert error["code"] == "rate_limit_exceeded"
+    assert second.headers["retry-after"] == "1"
+
+
+async def test_client_leaving_mid_stream_closes_the_upstream_stream(
+    serve: Serve, sim: Simulator, log: EventLog
+) -> None:
+    async with serve() as server, raw(server) as http:
+        async with http.stream("POST", "chat/completions", json=CHAT | {"model": "sim-long", "stream": True}) as resp:
+            chunks = resp.aiter_bytes()
+            await anext(chunks)
+        # Closed half-read, the connection is dropped rather than pooled: the server sees its client leave.
+        await log.wait_turns(1)
+        [call] = log.of(moa_stream.CallUsage)
+        assert call.status == "closed_early"
+        assert 0 < (call.output_tokens or 0) < 5000
+        with anyio.fail_after(5):
+            await sim.wait_idle()  # no upstream response left open
+        assert sim.stats.open_streams == 0
+
+
+# -- shutdown and the command ---------------------------------------------------------------------
+
+
+async def test_shutdown_drains_every_turn_into_the_trace_file(serve: Serve, tmp_path: Path) -> None:
+    async with serve() as server, caller(server) as client:
+        for _ in range(3):
+            await client.chat.completions.create(**CHAT, extra_headers={"X-MoA-Session": "drain"})
+        stream = await client.chat.completions.create(
+            model="moa:duo", messages=USER, stream=True, extra_headers={"X-MoA-Session": "drain"}
+        )
+        async for _ in stream:
+            pass
+    # No flush and no waiting: leaving the server ran the app's shutdown, which closed the client.
+    traces = list(moa_stream.read_traces(tmp_path / "traces" / "drain.jsonl"))
+    assert [trace.model for trace in traces].count("sim-small") == 3
+    assert [trace.model for trace in traces].count("moa:duo") == 1
+
+
+def test_app_needs_a_wrapped_client() -> None:
+    with pytest.raises(ValueError, match=r"moa_stream\.wrap\(\)"):
+        create_app(openai.AsyncOpenAI(api_key="unused"))
+
+
+def test_serve_binds_loopback_by_default() -> None:
+    parser = argparse.ArgumentParser(prog="moa-stream")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 8080)
+    assert args.max_body_bytes == DEFAULT_MAX_BODY_BYTES == 1024 * 1024
+    assert (args.token_env, args.base_url, args.trace_dir) == (None, None, None)
+    assert Server(object()).host == "127.0.0.1"
+
+
+def test_serve_refuses_a_token_variable_that_is_not_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("MOA_TEST_NO_SUCH_TOKEN", raising=False)
+    parser = argparse.ArgumentParser(prog="moa-stream")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    assert run_serve(parser.parse_args(["serve", "--token-env", "MOA_TEST_NO_SUCH_TOKEN"])) == 2
+    assert "--token-env MOA_TEST_NO_SUCH_TOKEN" in capsys.readouterr().err
+
+
+_SERVE_MAIN = """
+import argparse, sys
+from moa_stream._server import add_serve_parser, run_serve
+parser = argparse.ArgumentParser(prog="moa-stream")
+add_serve_parser(parser.add_subparsers(dest="command", required=True))
+sys.exit(run_serve(parser.parse_args(sys.argv[1:])))
+"""
+
+
+async def test_serve_command_serves_until_sigint_then_drains_traces(tmp_path: Path) -> None:
+    config = tmp_path / "moa.toml"
+    config.write_text('[presets.pair]\nreferences = ["m1", "m2"]\naggregator = "m3"\n')
+    command = [sys.executable, "-c", _SERVE_MAIN, "serve", "--port", "0", "--config", str(config)]
+    command += ["--token-env", "MOA_TEST_TOKEN", "--trace-dir", str(tmp_path / "traces")]
+    env = os.environ | {"MOA_TEST_TOKEN": TOKEN}
+    async with await anyio.open_process(command, env=env, stdout=subprocess.DEVNULL) as process:
+        assert process.stderr is not None
+        stderr = BufferedByteReceiveStream(process.stderr)
+        with anyio.fail_after(15):
+            banner = ""
+            while not banner.startswith("moa-stream serving on "):
+                banner = (await stderr.receive_until(b"\n", 65536)).decode()
+        assert "presets: moa:pair" in banner
+        async with openai.AsyncOpenAI(base_url=banner.split()[3], api_key=TOKEN, max_retries=0) as client:
+            ids = [model.id async for model in client.models.list()]
+            stream = await client.chat.completions.create(
+                model="moa:pair", messages=USER, stream=True, extra_headers={"X-MoA-Session": "cli"}
+            )
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(15):
+            assert await process.wait() == 0
+            rest = b"".join([chunk async for chunk in stderr]).decode()
+    assert ids[0] == "moa:pair"
+    [trace] = list(moa_stream.read_traces(tmp_path / "traces" / "cli.jsonl"))
+    assert trace.calls[-1].output.text == text
+    assert TOKEN not in banner + rest
