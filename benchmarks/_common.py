@@ -175,6 +175,20 @@ def null_sink(event: moa_stream.Event) -> None:
 # -- statistics -------------------------------------------------------------------------------------
 
 
+def cpu_row(size_key: str, name: str, row: Mapping[str, Any], extra: str) -> list[str]:
+    """One table row of a per-chunk CPU section: size, variant, median, spread, ratio, `extra`, rate."""
+    cpu = row["cpu_us_per_chunk"]
+    return [
+        f"{int(size_key):,}",
+        name,
+        f"{cpu['median']:.1f}",
+        f"{cpu['min']:.1f}-{cpu['max']:.1f}",
+        f"{row['cpu_over_bare']:.3f}",
+        extra,
+        f"{row['chunks_per_s']['median']:,.0f}",
+    ]
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median with the min-max range of `values`."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -19,7 +19,7 @@ from typing import Any
 
 from moa_stream._sim import SimModel
 
-from ._common import Config, Section, SectionResult, has_fast_mode
+from ._common import Config, Section, SectionResult, cpu_row, has_fast_mode
 from ._streams import (
     FloorReader,
     Reader,
@@ -65,18 +65,7 @@ async def run(base_url: str, config: Config, work_dir: Path) -> SectionResult:
     rows = []
     for key, entry in results.items():
         for name, row in entry["variants"].items():
-            cpu = row["cpu_us_per_chunk"]
-            rows.append(
-                [
-                    f"{int(key):,}",
-                    name,
-                    f"{cpu['median']:.1f}",
-                    f"{cpu['min']:.1f}-{cpu['max']:.1f}",
-                    f"{row['cpu_over_bare']:.3f}",
-                    "" if name == "bare" else f"{row['added_ttft_ms']:+.2f}",
-                    f"{row['chunks_per_s']['median']:,.0f}",
-                ]
-            )
+            rows.append(cpu_row(key, name, row, "" if name == "bare" else f"{row['added_ttft_ms']:+.2f}"))
     notes = [] if fast else [FAST_SKIPPED]
     notes += _target_notes(results)
     notes.append(

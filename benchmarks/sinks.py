@@ -14,7 +14,7 @@ from typing import Any
 
 from moa_stream._sim import SimModel
 
-from ._common import Config, Section, SectionResult, has_fast_mode
+from ._common import Config, Section, SectionResult, cpu_row, has_fast_mode
 from ._streams import Reader, interleaved, sdk_reader, stream_models, streams_per_sample, summarize
 
 NAME = "sinks"
@@ -56,18 +56,7 @@ async def run(base_url: str, config: Config, work_dir: Path) -> SectionResult:
     rows = []
     for key, entry in results.items():
         for name, row in entry["variants"].items():
-            cpu = row["cpu_us_per_chunk"]
-            rows.append(
-                [
-                    f"{int(key):,}",
-                    name,
-                    f"{cpu['median']:.1f}",
-                    f"{cpu['min']:.1f}-{cpu['max']:.1f}",
-                    f"{row['cpu_over_bare']:.3f}",
-                    f"{row['on_over_off']:.3f}" if "on_over_off" in row else "",
-                    f"{row['chunks_per_s']['median']:,.0f}",
-                ]
-            )
+            rows.append(cpu_row(key, name, row, f"{row['on_over_off']:.3f}" if "on_over_off" in row else ""))
     notes = [] if fast else ["fast off/on: skipped, this moa_stream's wrap() has no `fast` keyword yet"]
     return SectionResult(
         section=NAME,
