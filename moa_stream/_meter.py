@@ -24,6 +24,7 @@ from ._events import (
     TurnTrace,
 )
 from ._pricing import PriceTable
+from ._redact import Redactor, redact_trace
 from ._traces import TraceWriter
 from ._usage import resolve_tokens
 
@@ -39,11 +40,13 @@ class Engine:
         trace_dir: str | os.PathLike[str] | None = None,
         sink_buffer: int = DEFAULT_SINK_BUFFER,
         drain_timeout: float = 10.0,
+        redactor: Redactor | None = None,
     ) -> None:
         if drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, got {drain_timeout!r}")
         self.prices = prices
         self.drain_timeout = drain_timeout
+        self.redactor = redactor
         self.dispatcher = Dispatcher(buffer=sink_buffer)
         self.trace_writer = TraceWriter(trace_dir) if trace_dir is not None else None
         # Upstreams (scheme://host:port) that answered 400 to `stream_options`: never sent it again.
@@ -180,18 +183,18 @@ class Turn:
             status=main.status if main is not None else _worst(usages),
         )
         self.engine.emit(end)
-        self.engine.emit(
-            TurnTrace(
-                turn_id=self.turn_id,
-                session_id=self.session_id,
-                model=self.model,
-                calls=records,
-                end=end,
-                preset=self.preset,
-                cadence=self.cadence,
-                aggregator_wait_s=self.aggregator_wait_s,
-            )
+        trace = TurnTrace(
+            turn_id=self.turn_id,
+            session_id=self.session_id,
+            model=self.model,
+            calls=records,
+            end=end,
+            preset=self.preset,
+            cadence=self.cadence,
+            aggregator_wait_s=self.aggregator_wait_s,
         )
+        redactor = self.engine.redactor
+        self.engine.emit(trace if redactor is None else redact_trace(trace, redactor))
 
 
 def _worst(usages: list[CallUsage]) -> CallStatus:

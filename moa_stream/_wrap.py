@@ -16,6 +16,7 @@ from ._httpcompat import module_of
 from ._meter import Engine
 from ._moa import DEFAULT_UPSTREAM_CONCURRENCY, Presets
 from ._pricing import PriceInput, PriceTable
+from ._redact import RedactInput, make_redactor
 from ._transport import MeteringTransport, metering_transport_class
 
 ClientT = TypeVar("ClientT", bound=openai.AsyncOpenAI)
@@ -34,6 +35,7 @@ def wrap(
     config: str | os.PathLike[str] | None = None,
     upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY,
     fast: bool = False,
+    redact: RedactInput | None = None,
 ) -> ClientT:
     """Return a copy of `client` (same class, same options) whose chat calls are metered.
 
@@ -47,6 +49,10 @@ def wrap(
     `presets` (name to `Preset`) and `config` (a `moa.toml` with `[presets.<name>]` tables) define the
     Mixture-of-Agents presets served as `model="moa:<name>"`; both are validated here, and a bad one
     raises `ConfigError`. `upstream_concurrency` bounds the reference calls in flight per upstream.
+
+    `redact` (regular expressions, or a callable taking and returning text) is applied to the message
+    texts, outputs and tool arguments of trace records, in files and for sinks alike; never to what
+    goes upstream or to the caller.
 
     `fast=True` returns an instance of a subclass of the client's class that builds chat responses
     by validation instead of the SDK's slower construction (same objects, equal `model_dump()`,
@@ -71,7 +77,12 @@ def wrap(
     if prices:
         table = table.updated(prices)
     engine = Engine(
-        prices=table, sinks=sinks, trace_dir=trace_dir, sink_buffer=sink_buffer, drain_timeout=drain_timeout
+        prices=table,
+        sinks=sinks,
+        trace_dir=trace_dir,
+        sink_buffer=sink_buffer,
+        drain_timeout=drain_timeout,
+        redactor=None if redact is None else make_redactor(redact),
     )
 
     http_client: Any = copy.copy(client._client)

@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+import msgspec
 import openai
 import pytest
 
@@ -136,3 +137,49 @@ async def test_a_rotated_trace_file_is_opened_anew(upstream: openai.AsyncOpenAI,
     [old] = moa_stream.read_traces(tmp_path / "rotating.jsonl.1")
     [new] = moa_stream.read_traces(tmp_path / "rotating.jsonl")
     assert (old.model, new.model) == ("sim-small", "sim-large")
+
+
+CRASHING_WRITER = """
+import asyncio, sys, moa_stream
+from moa_stream._sim_transport import sim_client
+
+async def main():
+    client = moa_stream.wrap(sim_client(), trace_dir=sys.argv[1])
+    big = "word " * 40_000  # ~200 kB per trace line, so the kill is likely to land during a write
+    with moa_stream.session("crash"):
+        while True:
+            await client.chat.completions.create(model="sim-fast", messages=[{"role": "user", "content": big}])
+            print("turn", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_only_whole_lines_but_the_last(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None
+    for _ in range(20):  # let it get well into writing
+        assert writer.stdout.readline() == "turn\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(30)
+    data = (tmp_path / "crash.jsonl").read_bytes()
+    lines = data.split(b"\n")
+    complete, last = lines[:-1], lines[-1]
+    assert len(complete) >= 1
+    for line in complete:  # every line that was ended is a whole record
+        assert isinstance(moa_stream.event_decoder.decode(line), moa_stream.TurnTrace)
+    # a tail without its newline is the line the kill tore: readers skip it (unless it happens to be whole)
+    whole_tail = bool(last) and _decodes(last)
+    assert len(list(moa_stream.read_traces(tmp_path / "crash.jsonl"))) == len(complete) + whole_tail
+
+
+def _decodes(line: bytes) -> bool:
+    try:
+        moa_stream.event_decoder.decode(line)
+    except msgspec.DecodeError:
+        return False
+    return True
