@@ -3,7 +3,7 @@ accounted for exactly once, the turn ends once, no stream stays open, and the ca
 bare SDK would raise.
 
 The default run is a fixed-seed fast profile; `MOA_FAULT_PROFILE=long pytest tests/test_fault_matrix.py`
-runs 10,000 cases per test.
+runs 10,000 random cases per test, and `MOA_FAULT_CASES=N` any other number.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from moa_stream._sim import Fault, SimModel, Simulator
 from moa_stream._sim_transport import sim_client
 
 LONG = os.environ.get("MOA_FAULT_PROFILE") == "long"
+CASES = int(os.environ.get("MOA_FAULT_CASES", 10_000 if LONG else 40))
 PROFILE = settings(
-    max_examples=10_000 if LONG else 40,
-    derandomize=not LONG,
+    max_examples=CASES,
+    derandomize=not (LONG or "MOA_FAULT_CASES" in os.environ),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
