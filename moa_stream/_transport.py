@@ -60,9 +60,7 @@ class MeteringTransport:
         if not isinstance(payload, dict):
             payload = {}  # not ours to judge: the upstream answers it, and the call is still metered
         session_id = current_session(request.headers.get(SESSION_HEADER))
-        headers = request.headers.copy()
-        headers.pop(SESSION_HEADER, None)
-        upstream = Upstream.of_request(self._http, self.inner, request, headers)
+        upstream = Upstream.of_request(self._http, self.inner, request, drop=(SESSION_HEADER,))
         model = str(payload.get("model", ""))
         if model.startswith(MOA_PREFIX):
             return await run_turn(self.presets, self.engine, upstream, payload, session_id=session_id)

@@ -20,21 +20,37 @@ from ._wire import json_encoder
 class Upstream:
     """Where chat requests go: a transport, the chat-completions URL and the headers to send."""
 
-    def __init__(self, *, http: ModuleType, transport: Any, url: Any, headers: Any, extensions: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        *,
+        http: ModuleType,
+        transport: Any,
+        url: Any,
+        headers: Any,
+        extensions: dict[str, Any],
+        drop: tuple[str, ...] = (),
+    ) -> None:
         self.http = http
         self.transport = transport
         self.url = url
         self.headers = headers.copy()
-        for name in ("content-length", "transfer-encoding"):
+        for name in ("content-length", "transfer-encoding", *drop):
             self.headers.pop(name, None)
         self.extensions = extensions
         self.origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         self.host: str = url.host
 
     @classmethod
-    def of_request(cls, http: ModuleType, transport: Any, request: Any, headers: Any) -> Upstream:
-        """The upstream a caller's request was addressed to."""
-        return cls(http=http, transport=transport, url=request.url, headers=headers, extensions=request.extensions)
+    def of_request(cls, http: ModuleType, transport: Any, request: Any, *, drop: tuple[str, ...] = ()) -> Upstream:
+        """The upstream a caller's request was addressed to, less the `drop` headers (ours, not its)."""
+        return cls(
+            http=http,
+            transport=transport,
+            url=request.url,
+            headers=request.headers,
+            extensions=request.extensions,
+            drop=drop,
+        )
 
     @classmethod
     def of_client(cls, client: openai.AsyncOpenAI) -> Upstream:
