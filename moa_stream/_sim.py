@@ -125,11 +125,13 @@ class SimStats:
     requests: int = 0
     """Every call to `handle`, whatever the route or outcome."""
     open_streams: int = 0
+    """Response bodies started and not yet finished or closed."""
     max_open_streams: int = 0
     """The most response bodies that were open at once."""
-    """Response bodies started and not yet finished or closed."""
     requests_by_model: dict[str, int] = dataclasses.field(default_factory=dict)
     """Chat-completion requests per requested model name."""
+    rejected_stream_options: int = 0
+    """Requests answered 400 by the `reject_stream_options` fault."""
 
 
 class SimDisconnect(Exception):
@@ -339,6 +341,7 @@ class Simulator:
                 type_="server_error",
             )
         if fault.kind == "reject_stream_options" and "stream_options" in request:
+            self.stats.rejected_stream_options += 1
             return self._error(
                 400,
                 request_id,

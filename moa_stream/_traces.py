@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiofiles
+import anyio
 import msgspec
 
 from ._events import Event, TurnTrace, event_decoder, event_encoder
@@ -30,6 +31,8 @@ class TraceWriter:
     moved or deleted meanwhile, as by log rotation, is opened anew).
     """
 
+    event_types = (TurnTrace,)
+
     def __init__(self, trace_dir: str | os.PathLike[str]) -> None:
         self.directory = Path(trace_dir)
         try:
@@ -38,6 +41,8 @@ class TraceWriter:
             raise ValueError(f"trace_dir {str(trace_dir)!r} cannot be created: {exc.strerror}") from exc
         if not self.directory.is_dir():
             raise ValueError(f"trace_dir {str(trace_dir)!r} is not a directory")
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise ValueError(f"trace_dir {str(trace_dir)!r} is not writable")
         self.written = 0
         self._files: OrderedDict[Path, Any] = OrderedDict()
 
@@ -54,8 +59,15 @@ class TraceWriter:
             if isinstance(event, TurnTrace):
                 lines.setdefault(event.session_id, []).append(event_encoder.encode(event) + b"\n")
         for session_id, session_lines in lines.items():
-            file = await self._file(self.path_for(session_id))
-            await file.write(b"".join(session_lines))
+            path = self.path_for(session_id)
+            file = await self._file(path)
+            try:
+                await _append(file, b"".join(session_lines))
+            except OSError:
+                # The disk may come back (space freed, directory restored): open the file anew next time.
+                del self._files[path]
+                await file.close()
+                raise
             self.written += len(session_lines)
 
     async def _file(self, path: Path) -> Any:
@@ -77,6 +89,25 @@ class TraceWriter:
         while self._files:
             _, file = self._files.popitem()
             await file.close()
+
+
+async def _append(file: Any, data: bytes) -> None:
+    """Write all of `data`, or none of it: a failed write (a full disk) takes its partial line back,
+    so that a torn line can only ever be the last one of a file."""
+    view = memoryview(data)
+    written = 0
+    try:
+        while written < len(data):
+            written += await file.write(view[written:])
+    except OSError:
+        if written:
+            await anyio.to_thread.run_sync(_drop_tail, file.fileno(), written)
+        raise
+
+
+def _drop_tail(fd: int, count: int) -> None:
+    # The file is opened for appending, so the bytes of the failed write are its last ones.
+    os.ftruncate(fd, os.fstat(fd).st_size - count)
 
 
 def _same_file(path: Path, fd: int) -> bool:

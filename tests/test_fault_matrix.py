@@ -1,6 +1,7 @@
-"""Randomized fault matrix: whatever the upstream does and however the caller leaves, every call is
-accounted for exactly once, the turn ends once, no stream stays open, and the caller sees what the
-bare SDK would raise.
+"""Randomized fault matrix: whatever the upstream does, however the caller leaves and whatever the
+sinks and the trace disk do, every call is accounted for exactly once, the turn ends once, no
+stream or sink thread stays open, a sink's loss is counted, and the caller sees what the bare SDK
+would raise.
 
 The default run is a fixed-seed fast profile; `MOA_FAULT_PROFILE=long pytest tests/test_fault_matrix.py`
 runs 10,000 random cases per test, and `MOA_FAULT_CASES=N` any other number.
@@ -11,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-from typing import Any
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Literal
 
 import anyio
 import openai
@@ -23,6 +27,8 @@ from moa_stream import Preset
 from moa_stream._sim import Fault, SimModel, Simulator
 from moa_stream._sim_transport import sim_client
 
+from .conftest import EventLog
+
 LONG = os.environ.get("MOA_FAULT_PROFILE") == "long"
 CASES = int(os.environ.get("MOA_FAULT_CASES", 10_000 if LONG else 40))
 PROFILE = settings(
@@ -32,6 +38,11 @@ PROFILE = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 USER = [{"role": "user", "content": "Tell me about streams"}]
+SESSION = "matrix"
+
+# Everything imported so far lives for the whole run: keeping it out of the collector's view makes
+# each case's collections (which find abandoned streams) cheap, about 100x here.
+gc.freeze()
 
 faults = st.one_of(
     st.none(),
@@ -56,17 +67,6 @@ faults = st.one_of(
 behaviours = st.tuples(
     st.sampled_from(["consume", "break", "close", "cancel", "abandon", "wait_for"]), st.integers(0, 8)
 )
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.events: list[moa_stream.Event] = []
-
-    def __call__(self, event: moa_stream.Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
 
 
 async def drive(client: openai.AsyncOpenAI, model: str, streamed: bool, behaviour: tuple[str, int]) -> str:
@@ -113,37 +113,116 @@ async def drive(client: openai.AsyncOpenAI, model: str, streamed: bool, behaviou
 async def settle(sim: Simulator) -> None:
     for _ in range(3):  # let abandoned generators' finalizer tasks run
         await anyio.lowlevel.checkpoint()
-        gc.collect()
+    gc.collect()
     with anyio.fail_after(5):
         await sim.wait_idle()
 
 
-def expected_calls(sim: Simulator, fault: Fault | None, streamed: bool) -> int:
-    # The rejected stream_options probe is ours, not the caller's: it is retried, not reported.
-    probe = fault is not None and fault.kind == "reject_stream_options" and streamed
-    return sim.stats.requests - probe
+def expected_calls(sim: Simulator) -> int:
+    # A rejected stream_options probe is ours, not the caller's: it is retried, not reported.
+    return sim.stats.requests - sim.stats.rejected_stream_options
+
+
+class Sinks:
+    """The sinks of one case: an event log that always works, one sink with the case's fault, and a
+    trace directory that may be gone or full; `check` asserts what each of them must have seen."""
+
+    def __init__(self, sink_fault: str, trace_fault: str | None, directory: Path) -> None:
+        self.log = EventLog()
+        self.sink_fault = sink_fault
+        self.trace_fault = trace_fault
+        self.release = threading.Event()
+        self.trace_dir = directory / "traces"
+        faulty: dict[str, moa_stream.Sink] = {
+            "raising": self._raising,
+            "blocking": self._blocking,
+            "stuck": self._stuck_async,
+        }
+        self.sinks = [self.log, *([faulty[sink_fault]] if sink_fault in faulty else [])]
+        self.trace_dir.mkdir()
+        if trace_fault == "disk_full":
+            (self.trace_dir / f"{SESSION}.jsonl").symlink_to("/dev/full")
+
+    def wrap(self, upstream: openai.AsyncOpenAI, **options: Any) -> openai.AsyncOpenAI:
+        client = moa_stream.wrap(
+            upstream,
+            sinks=self.sinks,
+            trace_dir=None if self.trace_fault is None else self.trace_dir,
+            drain_timeout=0.1 if self.sink_fault == "stuck" else 10.0,
+            **options,
+        )
+        if self.trace_fault == "dir_gone":  # removed and replaced by a file after wrap() checked it
+            self.trace_dir.rmdir()
+            self.trace_dir.write_text("")
+        return client
+
+    def _raising(self, event: moa_stream.Event) -> None:
+        raise RuntimeError("sink down")
+
+    def _blocking(self, event: moa_stream.Event) -> None:
+        self.release.wait()
+
+    async def _stuck_async(self, event: moa_stream.Event) -> None:
+        await anyio.sleep_forever()
+
+    async def finish(self, client: openai.AsyncOpenAI) -> None:
+        """Close the client the way the case says: a blocking sink is let go only after the log sink
+        saw the whole turn, which proves the caller and the other sinks never waited for it."""
+        await self.log.wait_turns(1)
+        self.release.set()
+        await client.close()
+
+    def check(self, client: openai.AsyncOpenAI) -> None:
+        log = self.log
+        assert len(log.of(moa_stream.TurnEnd)) == len(log.of(moa_stream.TurnTrace)) == 1
+        engine = moa_stream.engine_of(client)
+        stats = {s.name: s for s in engine.sink_stats()}
+        count = len(log.events)
+        assert stats["EventLog"].delivered == count
+        faulty = next((s for name, s in stats.items() if name.startswith("Sinks.")), None)
+        if self.sink_fault != "none":
+            assert faulty is not None
+            # raising: every event fails; blocking: every event arrives late; stuck: abandoned at close, counted
+            expected = {"raising": (0, count, 0), "blocking": (count, 0, 0), "stuck": (0, 0, count)}
+            assert (faulty.delivered, faulty.failed, faulty.dropped) == expected[self.sink_fault]
+        assert engine.dispatcher._thread is None or not engine.dispatcher._thread.is_alive()
+        if self.trace_fault is not None:
+            writer = stats["trace_writer"]
+            if self.trace_fault == "ok":
+                [record] = moa_stream.read_traces(self.trace_dir / f"{SESSION}.jsonl")
+                assert (writer.delivered, record.turn_id) == (1, log.of(moa_stream.TurnTrace)[0].turn_id)
+            else:
+                assert (writer.failed, writer.delivered) == (1, 0)  # a counted, reported loss
+
+
+sink_faults = st.sampled_from(["none", "raising", "blocking", "stuck"])
+trace_faults = st.sampled_from([None, "ok", "dir_gone", "disk_full"])
 
 
 @PROFILE
-@given(fault=faults, streamed=st.booleans(), behaviour=behaviours, raising_sink=st.booleans())
+@given(
+    fault=faults,
+    streamed=st.booleans(),
+    behaviour=behaviours,
+    sink_fault=sink_faults,
+    trace_fault=trace_faults,
+)
 async def test_direct_call_under_any_fault_and_exit(
-    fault: Fault | None, streamed: bool, behaviour: tuple[str, int], raising_sink: bool
+    fault: Fault | None, streamed: bool, behaviour: tuple[str, int], sink_fault: str, trace_fault: str | None
 ) -> None:
     sim = Simulator([SimModel(name="m", fault=fault)])
-    counter = Counter()
+    with tempfile.TemporaryDirectory() as directory:
+        sinks = Sinks(sink_fault, trace_fault, Path(directory))
+        client = sinks.wrap(sim_client(sim, max_retries=0))
+        with moa_stream.session(SESSION):
+            raised = await drive(client, "m", streamed, behaviour)
+        await settle(sim)
+        await sinks.finish(client)
+        sinks.check(client)
 
-    def broken(event: moa_stream.Event) -> None:
-        raise RuntimeError("sink down")
-
-    client = moa_stream.wrap(sim_client(sim, max_retries=0), sinks=[counter, *([broken] if raising_sink else [])])
-    raised = await drive(client, "m", streamed, behaviour)
-    await settle(sim)
-    await client.close()
-
-    calls = counter.of(moa_stream.CallUsage)
-    assert len(calls) == expected_calls(sim, fault, streamed)
+    calls = sinks.log.of(moa_stream.CallUsage)
+    assert len(calls) == expected_calls(sim)
     assert len({c.call_id for c in calls}) == len(calls)
-    assert len(counter.of(moa_stream.TurnEnd)) == len(counter.of(moa_stream.TurnTrace)) == 1
     assert sim.stats.open_streams == 0
     if behaviour[0] == "consume":
         bare_sim = Simulator([SimModel(name="m", fault=fault)])
@@ -153,23 +232,45 @@ async def test_direct_call_under_any_fault_and_exit(
 
 
 @PROFILE
-@given(fault=faults, streamed=st.booleans(), behaviour=behaviours, quorum=st.sampled_from([None, 1]))
+@given(
+    faults=st.tuples(faults, faults),
+    streamed=st.booleans(),
+    behaviour=behaviours,
+    quorum=st.sampled_from([None, 1]),
+    on_all_failed=st.sampled_from(["aggregator_alone", "error"]),
+    sink_fault=sink_faults,
+    trace_fault=trace_faults,
+)
 async def test_moa_turn_under_any_reference_fault_and_exit(
-    fault: Fault | None, streamed: bool, behaviour: tuple[str, int], quorum: int | None
+    faults: tuple[Fault | None, Fault | None],
+    streamed: bool,
+    behaviour: tuple[str, int],
+    quorum: int | None,
+    on_all_failed: Literal["aggregator_alone", "error"],
+    sink_fault: str,
+    trace_fault: str | None,
 ) -> None:
-    sim = Simulator([SimModel(name="ok"), SimModel(name="faulty", fault=fault), SimModel(name="agg")])
-    counter = Counter()
-    preset = Preset(references=["ok", "faulty"], aggregator="agg", quorum=quorum, reference_timeout=0.5)
-    client = moa_stream.wrap(sim_client(sim, max_retries=0), sinks=[counter], presets={"p": preset})
-    await drive(client, "moa:p", streamed, behaviour)
-    await settle(sim)
-    await client.close()
+    sim = Simulator([SimModel(name="r1", fault=faults[0]), SimModel(name="r2", fault=faults[1]), SimModel(name="agg")])
+    preset = Preset(
+        references=["r1", "r2"], aggregator="agg", quorum=quorum, reference_timeout=0.5, on_all_failed=on_all_failed
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        sinks = Sinks(sink_fault, trace_fault, Path(directory))
+        client = sinks.wrap(sim_client(sim, max_retries=0), presets={"p": preset})
+        with moa_stream.session(SESSION):
+            raised = await drive(client, "moa:p", streamed, behaviour)
+        await settle(sim)
+        await sinks.finish(client)
+        sinks.check(client)
 
-    calls = counter.of(moa_stream.CallUsage)
-    probe = fault is not None and fault.kind == "reject_stream_options"  # references always stream
-    assert len(calls) == sim.stats.requests - probe
+    calls = sinks.log.of(moa_stream.CallUsage)
+    assert len(calls) == expected_calls(sim)
     assert len({c.call_id for c in calls}) == len(calls)
-    assert len(counter.of(moa_stream.TurnEnd)) == len(counter.of(moa_stream.TurnTrace)) == 1
     assert sim.stats.open_streams == 0
-    [aggregator] = [c for c in calls if c.role == "aggregator"] or [None]
-    assert aggregator is not None or behaviour[0] == "cancel"  # a failing reference never sinks the turn
+    references = [c for c in calls if c.role == "reference"]
+    aggregators = [c for c in calls if c.role == "aggregator"]
+    all_failed = bool(references) and all(c.status != "completed" for c in references)
+    if raised == "InternalServerError":  # the preset's "error" policy: a 502, before any aggregator call
+        assert (on_all_failed, all_failed, aggregators) == ("error", True, [])
+    elif behaviour[0] != "cancel":
+        assert len(aggregators) == 1  # failing references never sink the turn

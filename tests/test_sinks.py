@@ -6,6 +6,7 @@ import threading
 
 import anyio
 import openai
+import pytest
 
 import moa_stream
 
@@ -111,3 +112,32 @@ async def test_close_is_idempotent_and_later_events_are_counted_as_dropped(upstr
     await client.close()
     assert len(received) == 3
     assert moa_stream.engine_of(client).dispatcher.dropped_after_close == 0
+
+
+async def stuck_async_sink(event: moa_stream.Event) -> None:
+    await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_sink_stuck_for_good_is_abandoned_at_close_and_its_events_counted(
+    upstream: openai.AsyncOpenAI, log: EventLog, kind: str
+) -> None:
+    never = threading.Event()
+
+    def stuck_sync_sink(event: moa_stream.Event) -> None:
+        never.wait()
+
+    stuck = stuck_sync_sink if kind == "sync" else stuck_async_sink
+    client = moa_stream.wrap(upstream, sinks=[stuck, log], drain_timeout=0.2)
+    for _ in range(2):
+        assert await stream_once(client)
+    await log.wait_turns(2)
+    assert not await moa_stream.flush(client)  # the stuck sink cannot be drained
+    await client.close()  # returns after the drain timeout instead of waiting for the sink
+    engine = moa_stream.engine_of(client)
+    [stuck_stats, log_stats] = engine.sink_stats()
+    assert log_stats.delivered == 6
+    assert (stuck_stats.delivered, stuck_stats.dropped) == (0, 6)
+    assert engine.dispatcher._thread is not None
+    assert not engine.dispatcher._thread.is_alive()
+    never.set()

@@ -12,7 +12,30 @@ import pytest
 
 import moa_stream
 
+from .conftest import EventLog
+
 USER = [{"role": "user", "content": "Tell me about streams"}]
+
+
+def trace_record() -> moa_stream.TurnTrace:
+    end = moa_stream.TurnEnd(
+        turn_id="t",
+        session_id="s",
+        model="m",
+        calls=0,
+        failed_calls=0,
+        input_tokens=0,
+        cached_input_tokens=0,
+        output_tokens=0,
+        reasoning_tokens=0,
+        usage_complete=True,
+        cost_usd=0.0,
+        cost_complete=True,
+        started_at=0.0,
+        duration_s=0.0,
+        status="completed",
+    )
+    return moa_stream.TurnTrace(turn_id="t", session_id="s", model="m", calls=[], end=end)
 
 
 async def test_close_drains_trace_lines_to_the_session_file(upstream: openai.AsyncOpenAI, tmp_path: Path) -> None:
@@ -57,26 +80,7 @@ def test_distinct_ids_stay_distinct_after_sanitizing() -> None:
 
 
 def test_torn_final_line_is_skipped_but_a_torn_middle_line_is_an_error(tmp_path: Path) -> None:
-    end = moa_stream.TurnEnd(
-        turn_id="t",
-        session_id="s",
-        model="m",
-        calls=0,
-        failed_calls=0,
-        input_tokens=0,
-        cached_input_tokens=0,
-        output_tokens=0,
-        reasoning_tokens=0,
-        usage_complete=True,
-        cost_usd=0.0,
-        cost_complete=True,
-        started_at=0.0,
-        duration_s=0.0,
-        status="completed",
-    )
-    line = moa_stream.event_encoder.encode(
-        moa_stream.TurnTrace(turn_id="t", session_id="s", model="m", calls=[], end=end)
-    )
+    line = moa_stream.event_encoder.encode(trace_record())
     torn_end = tmp_path / "end.jsonl"
     torn_end.write_bytes(line + b"\n" + line[:25])
     assert len(list(moa_stream.read_traces(torn_end))) == 1
@@ -183,3 +187,88 @@ def _decodes(line: bytes) -> bool:
     except msgspec.DecodeError:
         return False
     return True
+
+
+async def test_a_full_disk_fails_the_trace_sink_only_and_is_counted(
+    upstream: openai.AsyncOpenAI, tmp_path: Path, log: EventLog
+) -> None:
+    (tmp_path / "full.jsonl").symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    client = moa_stream.wrap(upstream, trace_dir=tmp_path, sinks=[log])
+    with moa_stream.session("full"):
+        for _ in range(2):
+            reply = await client.chat.completions.create(model="sim-small", messages=USER)
+            assert reply.choices[0].message.content  # the caller never notices
+    await client.close()
+    stats = {s.name: s for s in moa_stream.engine_of(client).sink_stats()}
+    assert (stats["trace_writer"].failed, stats["trace_writer"].delivered) == (2, 0)  # one trace record per turn
+    assert len(log.of(moa_stream.TurnTrace)) == 2  # other sinks still get the records
+
+
+async def test_a_trace_dir_removed_under_the_writer_fails_and_recovers(
+    upstream: openai.AsyncOpenAI, tmp_path: Path
+) -> None:
+    traces = tmp_path / "traces"
+    client = moa_stream.wrap(upstream, trace_dir=traces)
+    with moa_stream.session("s"):
+        traces.rmdir()
+        traces.write_text("not a directory any more")
+        await client.chat.completions.create(model="sim-small", messages=USER)
+        assert await moa_stream.flush(client)
+        traces.unlink()
+        traces.mkdir()
+        await client.chat.completions.create(model="sim-large", messages=USER)
+    await client.close()
+    [writer] = moa_stream.engine_of(client).sink_stats()
+    assert (writer.failed, writer.delivered) == (1, 1)
+    assert [t.model for t in moa_stream.read_traces(traces / "s.jsonl")] == ["sim-large"]
+
+
+PARTIAL_WRITER = """
+import asyncio, json, os, resource, signal, sys
+from moa_stream import event_decoder
+from moa_stream._traces import TraceWriter
+
+# Reuse one record shape; only the session-file size limit changes between batches.
+record = event_decoder.decode(open(sys.argv[2], "rb").read())
+
+async def main():
+    writer = TraceWriter(sys.argv[1])
+    await writer.write_batch([record])
+    size = os.path.getsize(writer.path_for(record.session_id))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + size // 2, hard))  # room for half a line
+    try:
+        await writer.write_batch([record, record])
+        error = None
+    except OSError as exc:
+        error = exc.errno
+    after_failure = os.path.getsize(writer.path_for(record.session_id))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    await writer.write_batch([record])
+    await writer.aclose()
+    print(json.dumps({"size": size, "error": error, "after_failure": after_failure}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_write_that_fills_the_disk_takes_its_partial_line_back(tmp_path: Path) -> None:
+    import errno
+    import json
+    import subprocess
+    import sys
+
+    record = tmp_path / "record.json"
+    record.write_bytes(moa_stream.event_encoder.encode(trace_record()))
+    run = subprocess.run(
+        [sys.executable, "-c", PARTIAL_WRITER, str(tmp_path / "traces"), str(record)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["error"] == errno.EFBIG
+    assert result["after_failure"] == result["size"]  # the half-written line was taken back
+    assert len(list(moa_stream.read_traces(tmp_path / "traces" / "s.jsonl"))) == 2
