@@ -1,4 +1,4 @@
-"""The `moa-stream` command: `demo`, `sim`, `serve`, `traces` and `bench`."""
+"""The `moa-stream` command: `demo`, `sim`, `serve`, `traces`, `bench` and `local`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 import contextlib
 import importlib
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -30,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--aggregator", help="aggregator model (default: the first --model)")
     demo.add_argument("--trace-dir", type=Path, default=Path("traces"), help="where trace files go (default: traces)")
+    demo.add_argument(
+        "--local", action="store_true", help="SmolLM2-135M on a llama.cpp server started here (the `local` extra)"
+    )
 
     sim = commands.add_parser("sim", help="serve the embedded simulator over HTTP")
     sim.add_argument("--host", default="127.0.0.1")
@@ -46,6 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench.add_argument("--out-dir", type=Path, help="where the JSON and PNG files go (default: benchmarks/results)")
 
+    local = commands.add_parser("local", help="llama.cpp with SmolLM2-135M on loopback (the `local` extra)")
+    local_commands = local.add_subparsers(dest="local_command", required=True)
+    local_serve = local_commands.add_parser("serve", help="serve SmolLM2-135M until Ctrl-C")
+    local_serve.add_argument("--host", default="127.0.0.1")
+    local_serve.add_argument("--port", type=int, default=0, help="default: a free port")
+
     add_serve_parser(commands)
     add_traces_parser(commands)
 
@@ -56,6 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_traces(args)
     if args.command == "bench":
         return _bench(args, argv)
+    if args.command == "local":
+        return _local(lambda: _serve_local(args.host, args.port))
+    if args.command == "demo" and args.local:
+        if args.base_url or args.config or args.model or args.aggregator:
+            demo.error("--local brings its own server and preset: no --base-url, --config, --model or --aggregator")
+        from ._demo import run_local_demo
+
+        return _local(lambda: run_local_demo(trace_dir=args.trace_dir))
     if args.command == "demo":
         from ._demo import run_demo
 
@@ -105,6 +123,34 @@ def _bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     command = shlex.join(["moa-stream", *(sys.argv[1:] if argv is None else argv)])
     code: int = suite.run_command(args, command=command)
     return code
+
+
+def _local(run: Callable[[], Awaitable[object]]) -> int:
+    """Run something that starts the local llama.cpp server; a missing extra or a failed start is exit 2."""
+    from ._local import LocalServerError
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(run)
+    except LocalServerError as exc:
+        print(f"moa-stream: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _serve_local(host: str, port: int) -> None:
+    from ._local import LocalServer
+
+    # SIGTERM too: stopping by the default action would leave the server process running.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with LocalServer(host=host, port=port) as server:
+            print(
+                f"llama.cpp serves {server.gguf.name} as {server.model!r} on {server.base_url} (Ctrl-C stops it)",
+                file=sys.stderr,
+                flush=True,
+            )
+            async for _ in signals:
+                break
 
 
 async def _serve_simulator(host: str, port: int) -> None:

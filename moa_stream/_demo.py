@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -13,8 +13,9 @@ import anyio
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from ._config import Preset, load_config, self_moa
+from ._config import Preset, Slot, load_config, self_moa
 from ._events import Aggregating, CallUsage, Event, ReferenceDone, ReferenceStarted, TurnTrace
+from ._local import LOCAL_MODEL, LocalServer
 from ._session import session
 from ._sim import default_simulator
 from ._sim_transport import sim_client
@@ -22,6 +23,25 @@ from ._wrap import wrap
 
 SIM_PRESET = Preset(references=["sim-small", "sim-medium", "sim-reasoner"], aggregator="sim-large")
 QUESTION = "In two sentences: why do streaming APIs need careful resource cleanup?"
+
+# SmolLM2-135M three times over, made to differ by temperature and instruction; the token limits keep
+# a turn (four generations, one at a time in the server) to well under a minute on two CPU cores.
+LOCAL_PRESET = Preset(
+    references=[
+        Slot(model=LOCAL_MODEL, label="plain", temperature=0.2, max_tokens=96),
+        Slot(
+            model=LOCAL_MODEL, label="example", temperature=0.7, max_tokens=96, system="Answer with a concrete example."
+        ),
+        Slot(model=LOCAL_MODEL, label="skeptic", temperature=1.0, max_tokens=96, system="Point out what can go wrong."),
+    ],
+    aggregator=Slot(
+        model=LOCAL_MODEL,
+        label="aggregator",
+        temperature=0.3,
+        max_tokens=160,
+        system="Combine the answers into one short, correct reply.",
+    ),
+)
 
 
 def demo_presets(
@@ -45,13 +65,16 @@ async def run_demo(
     aggregator: str | None = None,
     config: Path | None = None,
     preset: str | None = None,
+    presets: Mapping[str, Preset] | None = None,
     trace_dir: Path,
     session_id: str = "demo",
     out: TextIO = sys.stdout,
 ) -> list[CallUsage]:
     """Run one MoA turn with a progress line per reference, stream the aggregator's answer, then
-    print every call's usage and where the trace file is."""
-    presets = demo_presets(base_url=base_url, models=models, aggregator=aggregator, config=config)
+    print every call's usage and where the trace file is. `presets` replaces the ones `demo_presets`
+    would build."""
+    if presets is None:
+        presets = demo_presets(base_url=base_url, models=models, aggregator=aggregator, config=config)
     name = preset or next(iter(presets), "")
     if name not in presets:
         raise SystemExit(f"moa-stream demo: no preset {name!r}; the presets are: {', '.join(presets) or 'none'}")
@@ -91,6 +114,15 @@ async def run_demo(
     turns = sum(isinstance(e, TurnTrace) for e in events)
     print(f"\n{turns} turn traced in {trace_dir / f'{sid}.jsonl'}", file=out)
     return calls
+
+
+async def run_local_demo(*, trace_dir: Path, out: TextIO = sys.stdout) -> list[CallUsage]:
+    """The demo on SmolLM2-135M served by llama.cpp on loopback (the `local` extra), started and stopped here."""
+    async with LocalServer() as server:
+        print(f"llama.cpp serves {server.gguf.name} as {server.model!r} at {server.base_url}", file=out, flush=True)
+        return await run_demo(
+            base_url=server.base_url, api_key="none", presets={"local": LOCAL_PRESET}, trace_dir=trace_dir, out=out
+        )
 
 
 async def _show_progress(progress: queue.SimpleQueue[Event | None], out: TextIO) -> None:

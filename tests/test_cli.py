@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import socket
 import subprocess
@@ -109,3 +110,25 @@ def test_traces_command_is_wired_into_the_cli(tmp_path: Path, capsys: pytest.Cap
 
     assert main(["traces", "stats", str(tmp_path)]) == 1  # no trace files: bad input, said clearly
     assert "jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="the `local` extra is installed here")
+def test_local_commands_say_how_to_install_the_missing_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moa_stream._cli import main
+
+    assert main(["local", "serve"]) == 2
+    assert "scripts/local" in capsys.readouterr().err
+    assert main(["demo", "--local", "--trace-dir", str(tmp_path)]) == 2
+    assert "moa-stream[local]" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_demo_local_refuses_an_upstream_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    from moa_stream._cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--local", "--base-url", "http://127.0.0.1:1/v1"])
+    assert exit_info.value.code == 2
+    assert "--local brings its own server" in capsys.readouterr().err
