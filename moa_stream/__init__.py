@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._budget import Budget, BudgetExceeded, Limits, load_budget
 from ._config import ConfigError, Preset, SelfMoA, Slot, load_config, self_moa, validate_presets
 from ._dispatch import Sink, SinkStats
 from ._events import (
     Aggregating,
+    BudgetWarning,
     CallOutput,
     CallRecord,
     CallStatus,
@@ -28,15 +30,19 @@ from ._events import (
     event_decoder,
     event_encoder,
 )
+from ._ledger import SessionLedger, SessionState, SessionStateError, Totals
 from ._meter import Engine
 from ._moa import MOA_PREFIX
 from ._pricing import ModelPrice, PriceTable
 from ._session import SESSION_HEADER, current_session, sanitize_session_id, session
 from ._traces import read_traces
-from ._wrap import engine_of, flush, wrap
+from ._wrap import engine_of, flush, session_ledger, session_state, wrap
 
 __all__ = [
     "Aggregating",
+    "Budget",
+    "BudgetExceeded",
+    "BudgetWarning",
     "CallOutput",
     "CallRecord",
     "CallStatus",
@@ -44,6 +50,7 @@ __all__ = [
     "ConfigError",
     "Engine",
     "Event",
+    "Limits",
     "MOA_PREFIX",
     "ModelPrice",
     "OTelSink",
@@ -55,10 +62,14 @@ __all__ = [
     "Role",
     "SESSION_HEADER",
     "SelfMoA",
+    "SessionLedger",
+    "SessionState",
+    "SessionStateError",
     "Sink",
     "SinkStats",
     "Slot",
     "ToolCall",
+    "Totals",
     "TurnEnd",
     "TurnTrace",
     "UsageSource",
@@ -67,11 +78,14 @@ __all__ = [
     "event_decoder",
     "event_encoder",
     "flush",
+    "load_budget",
     "load_config",
     "read_traces",
     "sanitize_session_id",
     "self_moa",
     "session",
+    "session_ledger",
+    "session_state",
     "validate_presets",
     "wrap",
 ]

@@ -492,6 +492,12 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Preset]:
     Slots are model names or inline tables with Slot's fields (except `client`); `self_moa` is an
     inline table with SelfMoA's fields. Every problem raises `ConfigError` naming the file.
     """
+    source, document = read_toml(path)
+    return validate_presets(_presets_from_toml(source, document), source=source)
+
+
+def read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """A moa.toml's name and parsed content; its top-level keys are `presets` and `budget`."""
     source = os.fspath(path)
     try:
         data = Path(path).read_bytes()
@@ -505,13 +511,21 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Preset]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    return validate_presets(_presets_from_toml(source, document), source=source)
+    for key in document:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(f"{source}: top-level key {key!r}: {_unknown_key(key, _TOP_LEVEL)}")
+    return source, document
+
+
+_TOP_LEVEL = ("presets", "budget")
+
+
+def check_table_keys(source: str, field: str, table: Mapping[str, Any], valid: Mapping[str, Any]) -> None:
+    """Refuse keys of a TOML table that are not in `valid`, suggesting the closest."""
+    _check_table_keys(_Scope(source), field, dict(table), valid, required=())
 
 
 def _presets_from_toml(source: str, document: dict[str, Any]) -> dict[str, Preset]:
-    for key in document:
-        if key != "presets":
-            raise ConfigError(f"{source}: top-level key {key!r}: {_unknown_key(key, ['presets'])}")
     tables = document.get("presets", {})
     if not isinstance(tables, dict):
         raise ConfigError(f"{source}: 'presets' must be a table of [presets.<name>] tables, got {_show(tables)}")

@@ -222,6 +222,17 @@ class Dispatcher:
                 self.dropped_after_close += len(self._inbox)
                 self._inbox.clear()
 
+    def offer_to(self, name: str, item: Any) -> None:
+        """Hand `item` to the sink called `name` alone, without waiting (for internal notices)."""
+        loop = self._loop
+        runner = next((r for r in self._runners if r.name == name), None)
+        if loop is None or runner is None or self._closed:
+            return
+        try:
+            loop.call_soon_threadsafe(runner.offer, item)
+        except RuntimeError:  # the loop has stopped under us (interpreter exit)
+            runner.dropped += 1
+
     def stats(self) -> list[SinkStats]:
         return [runner.stats() for runner in list(self._runners)]
 

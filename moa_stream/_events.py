@@ -113,7 +113,9 @@ class TurnEnd(_Record, tag="turn_end", tag_field="type", kw_only=True, frozen=Tr
     duration_s: float
     """Seconds from the start of the turn to its end."""
     status: CallStatus
-    """Status of the call whose output the caller received."""
+    """Status of the call whose output the caller received (`error` when a budget refused it)."""
+    error: str | None = None
+    """Why the turn failed before its answer could be asked for (a budget limit refused it)."""
 
 
 class ToolCall(_Record, kw_only=True, frozen=True):
@@ -236,7 +238,25 @@ class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, froze
     (quorum and grace, or every reference done) to the aggregator request being sent."""
 
 
-Event = CallUsage | TurnEnd | TurnTrace | ReferenceStarted | ReferenceDone | Aggregating
+class BudgetWarning(_Record, tag="budget_warning", tag_field="type", kw_only=True, frozen=True):
+    """A soft budget limit was crossed, or a cost limit cannot be enforced exactly; once each."""
+
+    session_id: str
+    turn_id: str
+    """The turn whose call crossed the limit."""
+    kind: Literal["soft_limit", "cost_unknown"]
+    """`soft_limit`: spending reached a soft limit. `cost_unknown`: a call's price is unknown, so
+    cost limits count it as zero (reported once per session)."""
+    scope: Literal["session", "turn"]
+    limit: str
+    """Which limit: `cost_usd`, `input_tokens`, `output_tokens`, `total_tokens` or `calls`."""
+    threshold: float
+    spent: float
+    """What the session or turn has used, in the limit's unit."""
+    message: str
+
+
+Event = CallUsage | TurnEnd | TurnTrace | ReferenceStarted | ReferenceDone | Aggregating | BudgetWarning
 """Everything a sink can receive."""
 
 event_encoder = msgspec.json.Encoder()

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import anyio
 
+from ._budget import Budget, BudgetBreach, BudgetGuard
 from ._buffer import CallBuffer
 from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
 from ._events import (
@@ -23,10 +24,13 @@ from ._events import (
     TurnEnd,
     TurnTrace,
 )
+from ._ledger import SessionStore, SidecarWriter, Totals
 from ._pricing import PriceTable
 from ._redact import Redactor, redact_trace
 from ._traces import TraceWriter
 from ._usage import resolve_tokens
+
+_SIDECAR_SINK = "session_store"
 
 
 class Engine:
@@ -41,6 +45,7 @@ class Engine:
         sink_buffer: int = DEFAULT_SINK_BUFFER,
         drain_timeout: float = 10.0,
         redactor: Redactor | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, got {drain_timeout!r}")
@@ -53,8 +58,14 @@ class Engine:
         self.rejects_stream_options: set[str] = set()
         self.origin: object = None
         """The client that was wrapped, kept alive because collecting it would close the shared pool."""
+        # A budget with session limits cannot go on from zero when a session's totals are unreadable.
+        strict = budget is not None and bool(budget.session.items())
+        self.sessions = SessionStore(self.trace_writer.directory if self.trace_writer else None, fail_on_corrupt=strict)
+        self.guard = BudgetGuard(budget, self.sessions) if budget is not None else None
         if self.trace_writer is not None:
             self.dispatcher.add_sink(self.trace_writer, name="trace_writer")
+            self.dispatcher.add_sink(SidecarWriter(self.sessions), name=_SIDECAR_SINK)
+            self.sessions.bind(lambda item: self.dispatcher.offer_to(_SIDECAR_SINK, item))
         for sink in sinks:
             self.dispatcher.add_sink(sink)
 
@@ -78,9 +89,22 @@ class Engine:
         await self.dispatcher.aclose(self.drain_timeout)
 
     def emit(self, event: Event) -> None:
+        if isinstance(event, TurnEnd):
+            self.sessions.record(event)
         self.dispatcher.offer(event)
 
+    def call_ended(self, usage: CallUsage, turn: tuple[Totals, Totals]) -> None:
+        """Count a call in its session's ledger, report it, then any budget warning it set off."""
+        session = self.sessions.record(usage)
+        self.dispatcher.offer(usage)
+        if self.guard is not None and session is not None:
+            for warning in self.guard.warnings(usage, session, turn):
+                self.dispatcher.offer(warning)
+
     def new_turn(self, *, session_id: str, model: str) -> Turn:
+        """A new turn; loads the session's ledger on first sight (raises `SessionStateError` for a
+        corrupt sidecar when a budget needs it)."""
+        self.sessions.ledger(session_id)
         return Turn(self, session_id=session_id, model=model)
 
 
@@ -102,7 +126,10 @@ class Turn:
         self._sealed = False
         self._ended = False
         self._records: list[CallRecord] = []
+        self._totals = Totals()
         self._main: Call | None = None
+        self.refused: BudgetBreach | None = None
+        """The budget limit that refused one of the turn's calls, if any."""
         # Set by a MoA turn before it ends; carried into its trace record.
         self.preset: str | None = None
         self.cadence: Literal["hit", "miss"] | None = None
@@ -124,7 +151,19 @@ class Turn:
         streamed: bool,
         main: bool = False,
     ) -> Call:
-        """Start a call; `main` marks the one whose output the caller receives."""
+        """Start a call; `main` marks the one whose output the caller receives.
+
+        Raises `BudgetBreach` (and starts nothing) when a hard budget limit refuses the call.
+        """
+        guard = self.engine.guard
+        if guard is not None:
+            try:
+                with self._lock:
+                    totals, started = self._totals, len(self._records) + self._open
+                guard.admit(self.session_id, totals, started)
+            except BudgetBreach as breach:
+                self.refused = self.refused or breach
+                raise
         call = Call(
             self,
             role=role,
@@ -151,12 +190,14 @@ class Turn:
             self._end()
 
     def _call_ended(self, record: CallRecord) -> None:
-        self.engine.emit(record.usage)
         with self._lock:
+            before = self._totals
+            self._totals = after = before.plus(record.usage)
             self._records.append(record)
             self._open -= 1
             end = self._sealed and self._open == 0 and not self._ended
             self._ended = self._ended or end
+        self.engine.call_ended(record.usage, (before, after))
         if end:
             self._end()
 
@@ -180,7 +221,8 @@ class Turn:
             started_at=self.started_at,
             ttft_s=None if main is None or main.ttft_s is None else main.ttft_s + (main.started_at - self.started_at),
             duration_s=time.perf_counter() - self._t0,
-            status=main.status if main is not None else _worst(usages),
+            status=main.status if main is not None else "error" if self.refused else _worst(usages),
+            error=None if self.refused is None else self.refused.message(),
         )
         self.engine.emit(end)
         trace = TurnTrace(

@@ -17,10 +17,12 @@ import anyio
 import anyio.abc
 import openai
 
+from ._budget import BUDGET_ERROR, BUDGET_HEADER, BudgetBreach
 from ._cadence import CachedReferences, ReferenceCache, user_turn_key
 from ._config import Preset, Slot
-from ._events import Aggregating, ReferenceDone, ReferenceStarted
+from ._events import Aggregating, CallStatus, ReferenceDone, ReferenceStarted
 from ._fanout import run_layer
+from ._ledger import SessionStateError
 from ._meter import Call, Engine, Turn
 from ._prompt import Reference, inject_references, reference_view
 from ._upstream import Upstream, send_chat
@@ -108,7 +110,10 @@ async def run_turn(
     except MoaError as exc:
         return error_response(default.http, 500, f"{model}: {exc}")
 
-    turn = engine.new_turn(session_id=session_id, model=model)
+    try:
+        turn = engine.new_turn(session_id=session_id, model=model)
+    except SessionStateError as exc:
+        return session_error_response(default.http, exc)
     turn.preset = name
     try:
         # Stragglers cancelled by the quorum rule wind down in this group while the aggregator's
@@ -143,6 +148,8 @@ async def _answer(
     )
     if not references and preset.on_all_failed == "error":
         turn.seal()
+        if turn.refused is not None:  # the budget stopped the fan-out: that is the error to report
+            return refusal_response(default.http, turn.refused)
         failures = "; ".join(f"{u.label}: {u.error or u.status}" for u in turn.calls_so_far())
         return error_response(default.http, 502, f"{model}: every reference failed ({failures})")
 
@@ -158,15 +165,19 @@ async def _answer(
         stale=stale,
     )
     agg_payload = _slot_payload(aggregator, agg_messages, base=payload)
-    call = turn.new_call(
-        role="aggregator",
-        label=aggregator.label,
-        provider=upstream.host,
-        model=aggregator.model,
-        input_messages=agg_messages,
-        streamed=agg_payload.get("stream") is True,
-        main=True,
-    )
+    try:
+        call = turn.new_call(
+            role="aggregator",
+            label=aggregator.label,
+            provider=upstream.host,
+            model=aggregator.model,
+            input_messages=agg_messages,
+            streamed=agg_payload.get("stream") is True,
+            main=True,
+        )
+    except BudgetBreach as breach:
+        turn.seal()
+        return refusal_response(default.http, breach)
     turn.seal()
     turn.engine.emit(
         Aggregating(
@@ -248,14 +259,21 @@ async def _fan_out(
         if number > 1:
             view = inject_references(view, previous, missing=previous_missing, silent=preset.silent_degradation)
         upstream = upstreams[slot.label]
-        call = calls[index] = turn.new_call(
-            role="reference",
-            label=slot.label,
-            provider=upstream.host,
-            model=slot.model,
-            input_messages=view,
-            streamed=True,
-        )
+        try:
+            if turn.refused is not None:  # once the budget refused a reference, launch no more
+                raise turn.refused
+            call = calls[index] = turn.new_call(
+                role="reference",
+                label=slot.label,
+                provider=upstream.host,
+                model=slot.model,
+                input_messages=view,
+                streamed=True,
+            )
+        except BudgetBreach:
+            done += 1
+            emit_done(slot.label, "error")  # refused, so never started: progress still adds up
+            return False
         turn.engine.emit(
             ReferenceStarted(
                 turn_id=turn.turn_id,
@@ -272,19 +290,22 @@ async def _fan_out(
         finally:
             done += 1
             assert call.usage is not None
-            turn.engine.emit(
-                ReferenceDone(
-                    turn_id=turn.turn_id,
-                    session_id=turn.session_id,
-                    preset=name,
-                    layer=number,
-                    label=slot.label,
-                    status=call.usage.status,
-                    done=done,
-                    total=len(layer),
-                )
-            )
+            emit_done(slot.label, call.usage.status)
         return call.usage.status == "completed"
+
+    def emit_done(label: str, status: CallStatus) -> None:
+        turn.engine.emit(
+            ReferenceDone(
+                turn_id=turn.turn_id,
+                session_id=turn.session_id,
+                preset=name,
+                layer=number,
+                label=label,
+                status=status,
+                done=done,
+                total=len(layer),
+            )
+        )
 
     allowed_at = await run_layer(len(layer), run_one, quorum=preset.quorum, grace=preset.grace, task_group=stragglers)
     return calls, allowed_at
@@ -362,10 +383,26 @@ def _add_detail(usage: dict[str, Any], group: str, field: str, extra: int) -> No
 
 
 def error_response(
-    http: ModuleType, status: int, message: str, *, param: str | None = None, code: str | None = None
+    http: ModuleType,
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    body: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Any:
     """An error in OpenAI's JSON shape; the SDK raises it as the matching APIStatusError, unretried."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    headers = {"content-type": "application/json", "x-should-retry": "false"}
-    return http.Response(status, headers=headers, content=json_encoder.encode(body))
+    body = body or {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    all_headers = {"content-type": "application/json", "x-should-retry": "false", **(headers or {})}
+    return http.Response(status, headers=all_headers, content=json_encoder.encode(body))
+
+
+def refusal_response(http: ModuleType, breach: BudgetBreach) -> Any:
+    """A call a budget refused: a 400 that the wrapped client raises as `BudgetExceeded`."""
+    return error_response(http, 400, breach.message(), body=breach.body(), headers={BUDGET_HEADER: BUDGET_ERROR})
+
+
+def session_error_response(http: ModuleType, error: SessionStateError) -> Any:
+    return error_response(http, 500, str(error), code="session_state_error")

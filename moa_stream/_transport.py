@@ -13,8 +13,10 @@ from typing import Any
 
 import anyio
 
+from ._budget import BudgetBreach
+from ._ledger import SessionStateError
 from ._meter import Engine
-from ._moa import MOA_PREFIX, Presets, run_turn
+from ._moa import MOA_PREFIX, Presets, refusal_response, run_turn, session_error_response
 from ._session import SESSION_HEADER, current_session
 from ._upstream import Upstream, send_chat
 from ._wire import any_decoder
@@ -66,16 +68,23 @@ class MeteringTransport:
             return await run_turn(self.presets, self.engine, upstream, payload, session_id=session_id)
 
         messages = payload.get("messages")
-        turn = self.engine.new_turn(session_id=session_id, model=model)
-        call = turn.new_call(
-            role="direct",
-            label=model,
-            provider=upstream.host,
-            model=model,
-            input_messages=messages if isinstance(messages, list) else [],
-            streamed=payload.get("stream") is True,
-            main=True,
-        )
+        try:
+            turn = self.engine.new_turn(session_id=session_id, model=model)
+        except SessionStateError as exc:
+            return session_error_response(self._http, exc)
+        try:
+            call = turn.new_call(
+                role="direct",
+                label=model,
+                provider=upstream.host,
+                model=model,
+                input_messages=messages if isinstance(messages, list) else [],
+                streamed=payload.get("stream") is True,
+                main=True,
+            )
+        except BudgetBreach as breach:
+            turn.seal()  # a turn with no call and the refusal as its error
+            return refusal_response(self._http, breach)
         turn.seal()
         return await send_chat(self.engine, call, upstream, payload, body=body)
 

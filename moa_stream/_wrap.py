@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import openai
 
+from ._budget import BUDGET_ERROR, BUDGET_HEADER, Budget, BudgetExceeded, load_budget, validate_budget
 from ._config import ConfigError, Preset, load_config, validate_presets
 from ._dispatch import DEFAULT_SINK_BUFFER, Sink
 from ._fast import fast_client_class
 from ._httpcompat import module_of
+from ._ledger import SessionLedger, SessionState, session_id_or_current
 from ._meter import Engine
 from ._moa import DEFAULT_UPSTREAM_CONCURRENCY, Presets
 from ._pricing import PriceInput, PriceTable
@@ -36,6 +39,7 @@ def wrap(
     upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY,
     fast: bool = False,
     redact: RedactInput | None = None,
+    budget: Budget | None = None,
 ) -> ClientT:
     """Return a copy of `client` (same class, same options) whose chat calls are metered.
 
@@ -54,6 +58,12 @@ def wrap(
     texts, outputs and tool arguments of trace records, in files and for sinks alike; never to what
     goes upstream or to the caller.
 
+    `budget` (or the `[budget]` table of `config`) sets hard limits per session and per turn, checked
+    before each upstream call starts (a refused call raises `moa_stream.BudgetExceeded` and sends
+    nothing), and soft limits that emit a `BudgetWarning` once. Each session's running totals are
+    kept by `moa_stream.session_ledger(client)`; with `trace_dir` they persist in
+    `<trace_dir>/<session_id>.state.json` beside the trace file, with `session_state(client)`.
+
     `fast=True` returns an instance of a subclass of the client's class that builds chat responses
     by validation instead of the SDK's slower construction (same objects, equal `model_dump()`,
     with the SDK's own path as the fallback for anything validation refuses).
@@ -70,6 +80,11 @@ def wrap(
         if name in all_presets:
             raise ConfigError(f"presets=: preset {name!r} is also defined in {os.fspath(config or '')}")
         all_presets[name] = preset
+    file_budget = load_budget(config) if config is not None else None
+    if budget is not None and file_budget is not None:
+        raise ConfigError(f"budget=: a budget is also defined in {os.fspath(config or '')}; give one of them")
+    if budget is not None:
+        budget = validate_budget(budget)
     moa = Presets(all_presets, upstream_concurrency=upstream_concurrency)
     table = PriceTable.builtin()
     if price_file is not None:
@@ -83,6 +98,7 @@ def wrap(
         sink_buffer=sink_buffer,
         drain_timeout=drain_timeout,
         redactor=None if redact is None else make_redactor(redact),
+        budget=budget or file_budget,
     )
 
     http_client: Any = copy.copy(client._client)
@@ -100,7 +116,28 @@ def wrap(
         original: type[openai.AsyncOpenAI] = type(client)
         fast_class: Any = fast_client_class(original)
         wrapped.__class__ = fast_class
+    _raise_budget_errors(wrapped)
     return wrapped
+
+
+def _raise_budget_errors(client: openai.AsyncOpenAI) -> None:
+    """Make `client` (and its `copy()`/`with_options()` copies) raise `BudgetExceeded` for a refused
+    call, on the instance, so that its class stays the caller's own."""
+    setattr(client, "_make_status_error", types.MethodType(_make_status_error, client))  # noqa: B010
+    setattr(client, "copy", types.MethodType(_copy, client))  # noqa: B010
+    setattr(client, "with_options", types.MethodType(_copy, client))  # noqa: B010
+
+
+def _make_status_error(self: openai.AsyncOpenAI, err_msg: str, *, body: object, response: Any) -> Any:
+    if response.headers.get(BUDGET_HEADER) == BUDGET_ERROR:
+        return BudgetExceeded(err_msg, response=response, body=body)
+    return type(self)._make_status_error(self, err_msg, body=body, response=response)
+
+
+def _copy(self: openai.AsyncOpenAI, *args: Any, **kwargs: Any) -> Any:
+    copied = type(self).copy(self, *args, **kwargs)
+    _raise_budget_errors(copied)
+    return copied
 
 
 def find_engine(client: openai.AsyncOpenAI) -> Engine | None:
@@ -114,6 +151,16 @@ def engine_of(client: openai.AsyncOpenAI) -> Engine:
     if engine is None:
         raise ValueError(f"{type(client).__qualname__} instance is not wrapped by moa_stream.wrap()")
     return engine
+
+
+def session_ledger(client: openai.AsyncOpenAI, session_id: str | None = None) -> SessionLedger:
+    """What a session (default: the current one) has used through `client`, restarts included."""
+    return engine_of(client).sessions.ledger(session_id_or_current(session_id))
+
+
+def session_state(client: openai.AsyncOpenAI, session_id: str | None = None) -> SessionState:
+    """The key-value state of a session (default: the current one), kept in its sidecar file."""
+    return SessionState(engine_of(client).sessions, session_id_or_current(session_id))
 
 
 async def flush(client: openai.AsyncOpenAI) -> bool:

@@ -218,7 +218,7 @@ async def test_a_trace_dir_removed_under_the_writer_fails_and_recovers(
         traces.mkdir()
         await client.chat.completions.create(model="sim-large", messages=USER)
     await client.close()
-    [writer] = moa_stream.engine_of(client).sink_stats()
+    writer = {s.name: s for s in moa_stream.engine_of(client).sink_stats()}["trace_writer"]
     assert (writer.failed, writer.delivered) == (1, 1)
     assert [t.model for t in moa_stream.read_traces(traces / "s.jsonl")] == ["sim-large"]
 
