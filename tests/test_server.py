@@ -378,3 +378,17 @@ async def test_serve_command_serves_until_sigint_then_drains_traces(tmp_path: Pa
     [trace] = list(moa_stream.read_traces(tmp_path / "traces" / "cli.jsonl"))
     assert trace.calls[-1].output.text == text
     assert TOKEN not in banner + rest
+
+
+async def test_a_budget_refusal_reaches_a_remote_caller_as_an_openai_error(sim: Simulator, log: EventLog) -> None:
+    budget = moa_stream.Budget(session=moa_stream.Limits(calls=1))
+    client = moa_stream.wrap(sim_client(sim, max_retries=0), sinks=[log], budget=budget)
+    async with Server(create_app(client), port=0, graceful_timeout=5) as server, caller(server) as remote:
+        headers = {moa_stream.SESSION_HEADER: "remote-user"}
+        await remote.chat.completions.create(model="sim-small", messages=USER, extra_headers=headers)  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError) as refused:
+            await remote.chat.completions.create(model="sim-small", messages=USER, extra_headers=headers)  # type: ignore[arg-type]
+    assert refused.value.code == "budget_exceeded"
+    assert isinstance(refused.value.body, dict)
+    assert (refused.value.body["limit"], refused.value.body["session_id"]) == ("calls", "remote-user")
+    assert sim.stats.requests == 1
