@@ -207,14 +207,14 @@ class BudgetGuard:
                 ("turn", self.budget.turn_soft, turn),
             ):
                 for name, threshold in limits.items():
+                    # `before` and `after` are consecutive totals of one session or turn, and totals
+                    # only grow: a threshold lies between them for exactly one call.
                     old, new = amount(name, before, before.calls), amount(name, after, after.calls)
-                    key = f"{scope}.{name}:{usage.turn_id if scope == 'turn' else ''}"
-                    if old < threshold <= new and key not in state.warned:
-                        state.warned.add(key)
+                    if old < threshold <= new:
                         found.append(_warning(usage, "soft_limit", scope, name, threshold, new))  # type: ignore[arg-type]
             unpriced = usage.cost_usd is None and usage.usage_source != "missing"
-            if unpriced and self.budget.limits_cost and "cost_unknown" not in state.warned:
-                state.warned.add("cost_unknown")
+            if unpriced and self.budget.limits_cost and not state.warned_cost_unknown:
+                state.warned_cost_unknown = True
                 found.append(
                     _warning(usage, "cost_unknown", "session", "cost_usd", 0.0, session[1].cost_usd, model=usage.model)
                 )

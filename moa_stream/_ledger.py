@@ -11,10 +11,12 @@ never a mix; an older snapshot never replaces a newer one (snapshots carry a ver
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,29 +95,39 @@ _decoder = msgspec.json.Decoder(_Sidecar)
 
 
 class _Session:
-    __slots__ = ("in_flight", "ledger", "persist", "state", "version", "warned")
+    __slots__ = ("in_flight", "ledger", "persist", "state", "version", "warned_cost_unknown", "written")
 
     def __init__(self, ledger: SessionLedger, state: dict[str, Any], version: int, *, persist: bool) -> None:
         self.ledger = ledger
         self.state = state
         self.version = version
+        self.written = version
+        """The version the sidecar holds."""
         self.persist = persist
         self.in_flight = 0
         """Calls started and not ended yet (budgets count them against a calls limit)."""
-        self.warned: set[str] = set()
-        """Soft limits already reported for this session."""
+        self.warned_cost_unknown = False
+
+
+DEFAULT_MAX_SESSIONS = 10_000
+"""Sessions kept in memory; beyond that, idle ones whose sidecar is up to date are let go (and read
+again when they come back). Without a trace directory every session stays in memory."""
+_EVICTION_SCAN = 64
 
 
 class SessionStore:
     """The sessions of one wrapped client: ledgers, state, and their sidecar files."""
 
-    def __init__(self, directory: Path | None, *, fail_on_corrupt: bool = False) -> None:
+    def __init__(
+        self, directory: Path | None, *, fail_on_corrupt: bool = False, max_sessions: int = DEFAULT_MAX_SESSIONS
+    ) -> None:
         self.directory = directory
         self.fail_on_corrupt = fail_on_corrupt
         """Refuse a session whose sidecar is corrupt (budgets need its totals), instead of going on
         from zero in memory with that file left alone."""
+        self.max_sessions = max_sessions
         self._lock = threading.RLock()
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._notify: Any = None
 
     # -- reading and updating (any thread) -----------------------------------------------------
@@ -132,7 +144,22 @@ class SessionStore:
             found = self._sessions.get(session_id)
             if found is None:
                 found = self._sessions[session_id] = self._load(session_id)
+                if len(self._sessions) > self.max_sessions:
+                    self._evict(keep=session_id)
+            else:
+                self._sessions.move_to_end(session_id)
             yield found
+
+    def _evict(self, *, keep: str) -> None:
+        # Only idle sessions whose sidecar holds their latest version can go: reading the file
+        # back gives the same totals and state. Look at a few of the oldest, not at all of them.
+        idle = [
+            session_id
+            for session_id, found in itertools.islice(self._sessions.items(), _EVICTION_SCAN)
+            if found.persist and found.in_flight == 0 and found.written == found.version and session_id != keep
+        ]
+        for session_id in idle[: len(self._sessions) - self.max_sessions]:
+            del self._sessions[session_id]
 
     def record(self, event: Event) -> tuple[Totals, Totals] | None:
         """Add a call's usage or a turn to its session; a call's session totals before and after.
@@ -230,12 +257,19 @@ class SessionStore:
             self._notify(_Changed(session_id=session_id))
 
     def snapshot(self, session_id: str) -> tuple[int, bytes] | None:
+        """The session's latest version and its sidecar bytes; None if the file is up to date."""
         with self._lock:
             found = self._sessions.get(session_id)
-            if found is None or not found.persist:
+            if found is None or not found.persist or found.written >= found.version:
                 return None
             sidecar = _Sidecar(version=found.version, ledger=found.ledger, state=found.state)
             return found.version, _encoder.encode(sidecar)
+
+    def mark_written(self, session_id: str, version: int) -> None:
+        with self._lock:
+            found = self._sessions.get(session_id)
+            if found is not None:
+                found.written = max(found.written, version)
 
 
 class _Changed(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,7 +285,6 @@ class SidecarWriter:
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store
-        self._written: dict[str, int] = {}
 
     async def __call__(self, event: Event) -> None:
         await self.write_batch([event])
@@ -259,13 +292,13 @@ class SidecarWriter:
     async def write_batch(self, events: list[Any]) -> None:
         for session_id in dict.fromkeys(event.session_id for event in events):
             snapshot = self.store.snapshot(session_id)
-            if snapshot is None or snapshot[0] <= self._written.get(session_id, -1):
+            if snapshot is None:
                 continue
             version, data = snapshot
             path = self.store.path_for(session_id)
             assert path is not None
             await anyio.to_thread.run_sync(write_atomically, path, data)
-            self._written[session_id] = version
+            self.store.mark_written(session_id, version)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

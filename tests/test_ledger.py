@@ -293,3 +293,20 @@ def test_sidecar_writes_are_off_the_callers_thread(tmp_path: Path, monkeypatch: 
     anyio.run(main)
     assert threads
     assert threading.main_thread().name not in threads
+
+
+async def test_idle_sessions_beyond_the_cap_are_let_go_and_read_back_unchanged(tmp_path: Path) -> None:
+    client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
+    store = moa_stream.engine_of(client).sessions
+    store.max_sessions = 3
+    for number in range(10):
+        with moa_stream.session(f"user-{number}"):
+            await one_turn(client, "sim-small", streamed=number % 2 == 0)
+            moa_stream.session_state(client).set("number", number)
+        assert await moa_stream.flush(client)  # written, so idle sessions may go
+    assert len(store._sessions) <= 4  # the cap, plus the one being loaded when it was reached
+    for number in range(10):
+        ledger = moa_stream.session_ledger(client, f"user-{number}")
+        assert (ledger.turns, ledger.totals.calls) == (1, 1)
+        assert moa_stream.session_state(client, f"user-{number}").get("number") == number
+    await client.close()
