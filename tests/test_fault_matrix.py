@@ -118,6 +118,11 @@ async def settle(sim: Simulator) -> None:
         await sim.wait_idle()
 
 
+def assert_no_task_left() -> None:
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert not others, f"tasks still running: {others}"
+
+
 def expected_calls(sim: Simulator) -> int:
     # A rejected stream_options probe is ours, not the caller's: it is retried, not reported.
     return sim.stats.requests - sim.stats.rejected_stream_options
@@ -219,6 +224,7 @@ async def test_direct_call_under_any_fault_and_exit(
         await settle(sim)
         await sinks.finish(client)
         sinks.check(client)
+        assert_no_task_left()
 
     calls = sinks.log.of(moa_stream.CallUsage)
     assert len(calls) == expected_calls(sim)
@@ -262,6 +268,7 @@ async def test_moa_turn_under_any_reference_fault_and_exit(
         await settle(sim)
         await sinks.finish(client)
         sinks.check(client)
+        assert_no_task_left()
 
     calls = sinks.log.of(moa_stream.CallUsage)
     assert len(calls) == expected_calls(sim)
