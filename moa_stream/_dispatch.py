@@ -109,8 +109,9 @@ class _SinkRunner:
         except anyio.get_cancelled_exc_class():
             # Abandoned at close after the drain timeout: what it still held is lost, and counted.
             left = self.accepted - self.delivered - self.failed
-            self.dropped += left
-            logger.warning("moa_stream sink %s did not keep up; %d events dropped at close", self.name, left)
+            if left:
+                self.dropped += left
+                logger.warning("moa_stream sink %s did not keep up; %d events dropped at close", self.name, left)
             raise
         finally:
             await self._close_sink()
