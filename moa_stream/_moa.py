@@ -253,7 +253,6 @@ async def _fan_out(
     name = turn.preset or ""
 
     async def run_one(index: int) -> bool:
-        nonlocal done
         slot = layer[index]
         view = reference_view(messages, tool_result_chars=preset.tool_result_chars, slot_system=slot.system)
         if number > 1:
@@ -271,8 +270,7 @@ async def _fan_out(
                 streamed=True,
             )
         except BudgetBreach:
-            done += 1
-            emit_done(slot.label, "error")  # refused, so never started: progress still adds up
+            reference_done(slot.label, "error")  # refused, so never started: progress still adds up
             return False
         turn.engine.emit(
             ReferenceStarted(
@@ -288,12 +286,13 @@ async def _fan_out(
         try:
             await _read_reference(presets, preset, call, upstream, _slot_payload(slot, view, base={"stream": True}))
         finally:
-            done += 1
             assert call.usage is not None
-            emit_done(slot.label, call.usage.status)
+            reference_done(slot.label, call.usage.status)
         return call.usage.status == "completed"
 
-    def emit_done(label: str, status: CallStatus) -> None:
+    def reference_done(label: str, status: CallStatus) -> None:
+        nonlocal done
+        done += 1
         turn.engine.emit(
             ReferenceDone(
                 turn_id=turn.turn_id,

@@ -18,6 +18,7 @@ from moa_stream._sim_server import SimServer
 from moa_stream._sim_transport import sim_client
 
 E = TypeVar("E")
+USER = [{"role": "user", "content": "Tell me about streams"}]
 
 # What the bare SDK raises when a stream breaks mid-body: openai 3.x wraps the transport's error,
 # openai 2.x lets it through as it is.
@@ -32,6 +33,16 @@ MODELS = [
     SimModel(name="sim-stall", fault=Fault(kind="stall", after_chunks=3)),
     SimModel(name="sim-nousage", fault=Fault(kind="no_usage")),
 ]
+
+
+async def chat_once(client: openai.AsyncOpenAI, model: str = "sim-small", *, stream: bool = False) -> None:
+    """One chat call, streamed to its end or not."""
+    if stream:
+        response = await client.chat.completions.create(model=model, messages=USER, stream=True)  # type: ignore[arg-type]
+        async for _ in response:
+            pass
+    else:
+        await client.chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
 
 
 class EventLog:

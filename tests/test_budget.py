@@ -15,6 +15,7 @@ from moa_stream._sim import SimModel, Simulator
 from moa_stream._sim_transport import sim_client
 
 from .conftest import EventLog
+from .conftest import chat_once as ask
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
 
@@ -25,15 +26,6 @@ def simulator() -> Simulator:
 
 def make(sim: Simulator, log: EventLog, budget: Budget, **options: Any) -> openai.AsyncOpenAI:
     return moa_stream.wrap(sim_client(sim, max_retries=0), sinks=[log], budget=budget, **options)
-
-
-async def ask(client: openai.AsyncOpenAI, model: str = "sim-small", *, stream: bool = False) -> None:
-    if stream:
-        response = await client.chat.completions.create(model=model, messages=USER, stream=True)  # type: ignore[arg-type]
-        async for _ in response:
-            pass
-    else:
-        await client.chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
 
 
 async def test_a_session_call_limit_refuses_the_next_call_before_it_is_sent() -> None:

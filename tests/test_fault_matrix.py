@@ -203,6 +203,33 @@ class Sinks:
                 assert (writer.failed, writer.delivered) == (1, 0)  # a counted, reported loss
 
 
+async def run_case(
+    sim: Simulator,
+    model: str,
+    streamed: bool,
+    behaviour: tuple[str, int],
+    sink_fault: str,
+    trace_fault: str | None,
+    **options: Any,
+) -> tuple[str, list[moa_stream.CallUsage]]:
+    """Make one call under the case's faults, check the invariants every case shares, and return
+    what the caller raised and the calls' usage events."""
+    with tempfile.TemporaryDirectory() as directory:
+        sinks = Sinks(sink_fault, trace_fault, Path(directory))
+        client = sinks.wrap(sim_client(sim, max_retries=0), **options)
+        with moa_stream.session(SESSION):
+            raised = await drive(client, model, streamed, behaviour)
+        await settle(sim)
+        await sinks.finish(client)
+        sinks.check(client)
+        assert_no_task_left()
+    calls = sinks.log.of(moa_stream.CallUsage)
+    assert len(calls) == expected_calls(sim)  # one per upstream call the caller caused
+    assert len({c.call_id for c in calls}) == len(calls)
+    assert sim.stats.open_streams == 0
+    return raised, calls
+
+
 sink_faults = st.sampled_from(["none", "raising", "blocking", "stuck"])
 trace_faults = st.sampled_from([None, "ok", "dir_gone", "disk_full"])
 
@@ -219,20 +246,7 @@ async def test_direct_call_under_any_fault_and_exit(
     fault: Fault | None, streamed: bool, behaviour: tuple[str, int], sink_fault: str, trace_fault: str | None
 ) -> None:
     sim = Simulator([SimModel(name="m", fault=fault)])
-    with tempfile.TemporaryDirectory() as directory:
-        sinks = Sinks(sink_fault, trace_fault, Path(directory))
-        client = sinks.wrap(sim_client(sim, max_retries=0))
-        with moa_stream.session(SESSION):
-            raised = await drive(client, "m", streamed, behaviour)
-        await settle(sim)
-        await sinks.finish(client)
-        sinks.check(client)
-        assert_no_task_left()
-
-    calls = sinks.log.of(moa_stream.CallUsage)
-    assert len(calls) == expected_calls(sim)
-    assert len({c.call_id for c in calls}) == len(calls)
-    assert sim.stats.open_streams == 0
+    raised, _ = await run_case(sim, "m", streamed, behaviour, sink_fault, trace_fault)
     if behaviour[0] == "consume":
         bare_sim = Simulator([SimModel(name="m", fault=fault)])
         bare = await drive(sim_client(bare_sim, max_retries=0), "m", streamed, behaviour)
@@ -263,20 +277,7 @@ async def test_moa_turn_under_any_reference_fault_and_exit(
     preset = Preset(
         references=["r1", "r2"], aggregator="agg", quorum=quorum, reference_timeout=0.5, on_all_failed=on_all_failed
     )
-    with tempfile.TemporaryDirectory() as directory:
-        sinks = Sinks(sink_fault, trace_fault, Path(directory))
-        client = sinks.wrap(sim_client(sim, max_retries=0), presets={"p": preset})
-        with moa_stream.session(SESSION):
-            raised = await drive(client, "moa:p", streamed, behaviour)
-        await settle(sim)
-        await sinks.finish(client)
-        sinks.check(client)
-        assert_no_task_left()
-
-    calls = sinks.log.of(moa_stream.CallUsage)
-    assert len(calls) == expected_calls(sim)
-    assert len({c.call_id for c in calls}) == len(calls)
-    assert sim.stats.open_streams == 0
+    raised, calls = await run_case(sim, "moa:p", streamed, behaviour, sink_fault, trace_fault, presets={"p": preset})
     references = [c for c in calls if c.role == "reference"]
     aggregators = [c for c in calls if c.role == "aggregator"]
     all_failed = bool(references) and all(c.status != "completed" for c in references)

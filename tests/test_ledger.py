@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from moa_stream._ledger import write_atomically
 from moa_stream._sim import SimModel, Simulator
 from moa_stream._sim_transport import sim_client
 
-from .conftest import EventLog
+from .conftest import EventLog, chat_once
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
 PRESETS = {"trio": Preset(references=["sim-small", "sim-large", "sim-nameless"], aggregator="sim-small")}
@@ -39,15 +40,6 @@ def summed(usages: list[moa_stream.CallUsage]) -> Totals:
     return totals
 
 
-async def one_turn(client: openai.AsyncOpenAI, model: str, streamed: bool) -> None:
-    if streamed:
-        stream = await client.chat.completions.create(model=model, messages=USER, stream=True)  # type: ignore[arg-type]
-        async for _ in stream:
-            pass
-    else:
-        await client.chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
-
-
 async def test_concurrent_turns_on_one_session_total_the_sum_of_their_events(tmp_path: Path) -> None:
     sim, log = sim_models(), EventLog()
     client = moa_stream.wrap(sim_client(sim), sinks=[log], trace_dir=tmp_path, presets=PRESETS)
@@ -55,7 +47,7 @@ async def test_concurrent_turns_on_one_session_total_the_sum_of_their_events(tmp
         async with anyio.create_task_group() as group:
             for number in range(40):
                 model = ["sim-small", "sim-large", "moa:trio", "sim-nameless"][number % 4]
-                group.start_soon(one_turn, client, model, number % 3 != 0)
+                group.start_soon(partial(chat_once, client, model, stream=number % 3 != 0))
     ledger = moa_stream.session_ledger(client, "busy")
     await client.close()
 
@@ -81,14 +73,14 @@ async def test_totals_continue_across_a_restart(tmp_path: Path) -> None:
     first = moa_stream.wrap(sim_client(sim), trace_dir=tmp_path)
     with moa_stream.session("s"):
         for _ in range(2):
-            await one_turn(first, "sim-small", streamed=True)
+            await chat_once(first, "sim-small", stream=True)
     before = moa_stream.session_ledger(first, "s")
     await first.close()
 
     second = moa_stream.wrap(sim_client(sim), trace_dir=tmp_path)
     with moa_stream.session("s"):
         assert moa_stream.session_ledger(second) == before
-        await one_turn(second, "sim-small", streamed=False)
+        await chat_once(second, "sim-small", stream=False)
         after = moa_stream.session_ledger(second)
     await second.close()
     assert (before.turns, after.turns) == (2, 3)
@@ -119,7 +111,7 @@ async def test_a_corrupt_sidecar_is_reported_and_never_overwritten(
     sidecar.write_bytes(content)
     client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
     with caplog.at_level(logging.ERROR, logger="moa_stream"), moa_stream.session("bad"):
-        await one_turn(client, "sim-small", streamed=True)  # no budget: the call goes on, counted in memory
+        await chat_once(client, "sim-small", stream=True)  # no budget: the call goes on, counted in memory
         assert moa_stream.session_ledger(client).totals.calls == 1
         with pytest.raises(moa_stream.SessionStateError, match=r"bad\.state\.json"):
             moa_stream.session_state(client).get("anything")
@@ -135,7 +127,7 @@ async def test_a_corrupt_sidecar_refuses_calls_when_a_session_budget_needs_its_t
     budget = moa_stream.Budget(session=moa_stream.Limits(cost_usd=1.0))
     client = moa_stream.wrap(sim_client(sim, max_retries=0), trace_dir=tmp_path, budget=budget)
     with moa_stream.session("bad"), pytest.raises(openai.InternalServerError, match=r"bad\.state\.json.*left as it is"):
-        await one_turn(client, "sim-small", streamed=True)
+        await chat_once(client, "sim-small", stream=True)
     await client.close()
     assert sim.stats.requests == 0
     assert (tmp_path / "bad.state.json").read_bytes() == CORRUPT[0]
@@ -169,7 +161,7 @@ async def test_the_sidecar_ends_with_the_newest_snapshot_under_concurrent_writer
             group.start_soon(anyio.to_thread.run_sync, writer, name)
         with moa_stream.session("hot"):
             for _ in range(5):
-                group.start_soon(one_turn, client, "sim-small", True)
+                group.start_soon(partial(chat_once, client, "sim-small", stream=True))
     assert await moa_stream.flush(client)
     on_disk = json.loads((tmp_path / "hot.state.json").read_text())
     assert on_disk["state"] == {"a": 199, "b": 199, "c": 199}
@@ -197,7 +189,7 @@ async def test_session_state_is_kept_in_the_sidecar_not_in_traces(tmp_path: Path
         state.delete("never-set")
         with pytest.raises(TypeError, match="JSON"):
             state.set("bad", object())
-        await one_turn(client, "sim-small", streamed=True)
+        await chat_once(client, "sim-small", stream=True)
         assert await moa_stream.flush(client)
         assert state.keys() == ["customer", "last_turn"]
         assert state.get("last_turn") == seen[0]
@@ -217,7 +209,7 @@ async def test_session_state_is_kept_in_the_sidecar_not_in_traces(tmp_path: Path
 async def test_without_a_trace_dir_the_ledger_lives_in_memory(tmp_path: Path) -> None:
     client = moa_stream.wrap(sim_client(sim_models()))
     with moa_stream.session("mem"):
-        await one_turn(client, "sim-small", streamed=True)
+        await chat_once(client, "sim-small", stream=True)
         moa_stream.session_state(client).set("k", "v")
         assert moa_stream.session_state(client).get("k") == "v"
         assert moa_stream.session_ledger(client).totals.calls == 1
@@ -286,7 +278,7 @@ def test_sidecar_writes_are_off_the_callers_thread(tmp_path: Path, monkeypatch: 
 
     async def main() -> None:
         client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
-        await one_turn(client, "sim-small", streamed=True)
+        await chat_once(client, "sim-small", stream=True)
         await client.close()
 
     monkeypatch.setattr("moa_stream._ledger.write_atomically", spy)
@@ -301,7 +293,7 @@ async def test_idle_sessions_beyond_the_cap_are_let_go_and_read_back_unchanged(t
     store.max_sessions = 3
     for number in range(10):
         with moa_stream.session(f"user-{number}"):
-            await one_turn(client, "sim-small", streamed=number % 2 == 0)
+            await chat_once(client, "sim-small", stream=number % 2 == 0)
             moa_stream.session_state(client).set("number", number)
         assert await moa_stream.flush(client)  # written, so idle sessions may go
     assert len(store._sessions) <= 4  # the cap, plus the one being loaded when it was reached
