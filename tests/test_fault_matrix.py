@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -118,6 +119,17 @@ async def settle(sim: Simulator) -> None:
         await sim.wait_idle()
 
 
+_cases_run = 0
+
+
+def _progress() -> None:
+    # The long profile runs for an hour: say how far it is, past pytest's output capture.
+    global _cases_run
+    _cases_run += 1
+    if CASES >= 1000 and _cases_run % 1000 == 0:
+        print(f"fault matrix: {_cases_run} cases run", file=sys.__stderr__, flush=True)
+
+
 def assert_no_task_left() -> None:
     others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     assert not others, f"tasks still running: {others}"
@@ -214,6 +226,7 @@ async def run_case(
 ) -> tuple[str, list[moa_stream.CallUsage]]:
     """Make one call under the case's faults, check the invariants every case shares, and return
     what the caller raised and the calls' usage events."""
+    _progress()
     with tempfile.TemporaryDirectory() as directory:
         sinks = Sinks(sink_fault, trace_fault, Path(directory))
         client = sinks.wrap(sim_client(sim, max_retries=0), **options)
