@@ -3,18 +3,22 @@ sinks and the trace disk do, every call is accounted for exactly once, the turn 
 stream or sink thread stays open, a sink's loss is counted, and the caller sees what the bare SDK
 would raise.
 
-The default run is a fixed-seed fast profile; `MOA_FAULT_PROFILE=long pytest tests/test_fault_matrix.py`
-runs 10,000 random cases per test, and `MOA_FAULT_CASES=N` any other number.
+The default run is a fixed-seed fast profile; `MOA_FAULT_PROFILE=long pytest -s tests/test_fault_matrix.py`
+runs 10,000 random cases per test (with `-s`, progress every 1,000 cases), and `MOA_FAULT_CASES=N`
+any other number; `--hypothesis-seed=N` repeats a run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,11 +127,23 @@ _cases_run = 0
 
 
 def _progress() -> None:
-    # The long profile runs for an hour: say how far it is, past pytest's output capture.
+    # The long profile runs for a while: say how far it is (shown with `pytest -s`).
     global _cases_run
     _cases_run += 1
     if CASES >= 1000 and _cases_run % 1000 == 0:
         print(f"fault matrix: {_cases_run} cases run", file=sys.__stderr__, flush=True)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # Raising and stuck sinks are logged with tracebacks; pytest keeps every record of a test, and
+    # the frames they hold made each later case's collection slower (the long profile went quadratic).
+    logger = logging.getLogger("moa_stream")
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = False
 
 
 def assert_no_task_left() -> None:
@@ -227,7 +243,7 @@ async def run_case(
     """Make one call under the case's faults, check the invariants every case shares, and return
     what the caller raised and the calls' usage events."""
     _progress()
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as directory, _quiet():
         sinks = Sinks(sink_fault, trace_fault, Path(directory))
         client = sinks.wrap(sim_client(sim, max_retries=0), **options)
         with moa_stream.session(SESSION):
