@@ -116,7 +116,8 @@ def wrap(
         original: type[openai.AsyncOpenAI] = type(client)
         fast_class: Any = fast_client_class(original)
         wrapped.__class__ = fast_class
-    _raise_budget_errors(wrapped)
+    if engine.guard is not None:  # only a budget refuses calls
+        _raise_budget_errors(wrapped)
     return wrapped
 
 
