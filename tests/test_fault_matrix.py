@@ -20,7 +20,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import anyio
 import openai
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import Fault, SimModel, Simulator
+from moa_stream._sim import Fault, FaultKind, SimModel, Simulator
 from moa_stream._sim_transport import sim_client
 
 from .conftest import EventLog
@@ -53,18 +53,7 @@ faults = st.one_of(
     st.none(),
     st.builds(
         Fault,
-        kind=st.sampled_from(
-            [
-                "http_429",
-                "http_500",
-                "disconnect",
-                "stall",
-                "malformed",
-                "stream_error",
-                "reject_stream_options",
-                "no_usage",
-            ]
-        ),
+        kind=st.sampled_from(get_args(FaultKind)),  # every fault the simulator has, new ones included
         after_chunks=st.integers(0, 6),
         stall_s=st.just(30.0),
     ),
