@@ -82,6 +82,9 @@ class CallBuffer:
         except msgspec.DecodeError as exc:
             self.error = f"malformed JSON in {where}: {exc}"
             return None
+        except UnicodeDecodeError as exc:  # msgspec's error for bytes that are not UTF-8
+            self.error = f"invalid UTF-8 in {where}: {exc}"
+            return None
 
     def add_chunk(self, chunk: WireChunk) -> None:
         if chunk.error is not None:
@@ -201,7 +204,7 @@ class CallBuffer:
 def _error_text(body: bytes) -> str:
     try:
         payload = any_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return body[:200].decode("utf-8", "replace") or "empty body"
     if isinstance(payload, dict) and "error" in payload:
         return error_message(payload["error"])

@@ -75,19 +75,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _local(lambda: run_local_demo(trace_dir=args.trace_dir))
     if args.command == "demo":
+        from ._config import ConfigError
         from ._demo import run_demo
 
-        anyio.run(
-            lambda: run_demo(
-                base_url=args.base_url,
-                api_key=args.api_key,
-                models=args.model,
-                aggregator=args.aggregator,
-                config=args.config,
-                preset=args.preset,
-                trace_dir=args.trace_dir,
+        try:
+            anyio.run(
+                lambda: run_demo(
+                    base_url=args.base_url,
+                    api_key=args.api_key,
+                    models=args.model,
+                    aggregator=args.aggregator,
+                    config=args.config,
+                    preset=args.preset,
+                    trace_dir=args.trace_dir,
+                )
             )
-        )
+        except ConfigError as exc:  # a bad preset or a key variable that is not set: one line, no traceback
+            print(f"moa-stream demo: {exc}", file=sys.stderr)
+            return 2
         return 0
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(_serve_simulator, args.host, args.port)

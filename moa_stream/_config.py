@@ -103,6 +103,10 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     """Deadline of each reference call in seconds (> 0)."""
     on_all_failed: Literal["aggregator_alone", "error"] = "aggregator_alone"
     """When every reference of a layer failed: answer with the aggregator alone, or fail the turn."""
+    aggregator_retries: int = 2
+    """Further attempts the turn makes for its aggregator request after a 408/409/429/5xx or a
+    dropped or timed-out exchange (not a refused connection), before any byte reaches the caller.
+    The turn's own answers are never retried by the caller's SDK, so references never run twice."""
     placement: Literal["system", "user"] = "system"
     """Where the reference block goes: appended to the system message, or as a trailing user message
     (keeps the provider's prefix cache intact)."""
@@ -389,7 +393,7 @@ def _check_scalars(scope: _Scope, preset: Preset, layers: list[list[tuple[str, S
     for name in ("reference_timeout", "cache_ttl_s"):
         if not values[name] > 0:
             raise scope.error(name, f"must be > 0, got {values[name]!r}")
-    for name, least in (("every_n", 1), ("tool_result_chars", 100), ("cache_entries", 1)):
+    for name, least in (("every_n", 1), ("tool_result_chars", 100), ("cache_entries", 1), ("aggregator_retries", 0)):
         if values[name] < least:
             raise scope.error(name, f"must be >= {least}, got {values[name]!r}")
     if values["template"] is not None:
@@ -484,6 +488,18 @@ def validate_presets(presets: Mapping[str, Preset], *, source: str = "presets=")
     if not isinstance(presets, Mapping):
         raise ConfigError(f"{source}: expected a mapping of preset names to Presets, got {_show(presets)}")
     return {_check_name(source, name): _check_preset(_Scope(source, name), preset) for name, preset in presets.items()}
+
+
+def check_key_variables(presets: Mapping[str, Preset], *, source: str) -> None:
+    """Refuse validated presets whose slots name an `api_key_env` that is not set now, so that a
+    missing key is found when the client is wrapped, not by the first call (`ConfigError`)."""
+    for name, preset in presets.items():
+        for slot in [*(slot for layer in preset.reference_layers() for slot in layer), preset.aggregator_slot()]:
+            if slot.api_key_env is not None and slot.api_key_env not in os.environ:
+                raise ConfigError(
+                    f"{source}: preset {name!r}: slot {slot.label!r}: api_key_env: "
+                    f"environment variable {slot.api_key_env} is not set (it holds the key for {slot.base_url})"
+                )
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Preset]:

@@ -100,7 +100,10 @@ async def run_demo(
         async with client, anyio.create_task_group() as tasks:
             tasks.start_soon(_show_progress, progress, out)
             try:
-                stream = await client.chat.completions.create(model=f"moa:{name}", messages=messages, stream=True)
+                # The usage chunk is asked for as any caller who shows usage would.
+                stream = await client.chat.completions.create(
+                    model=f"moa:{name}", messages=messages, stream=True, stream_options={"include_usage": True}
+                )
                 async with stream:
                     async for chunk in stream:
                         if chunk.choices and chunk.choices[0].delta.content:

@@ -79,8 +79,11 @@ class _SinkRunner:
         self.accepted = 0
         self.event_types: tuple[type[Event], ...] | None = getattr(sink, "event_types", None)
 
+    def takes(self, event: Event) -> bool:
+        return self.event_types is None or isinstance(event, self.event_types)
+
     def offer(self, event: Event) -> None:
-        if self.event_types is not None and not isinstance(event, self.event_types):
+        if not self.takes(event):
             return
         try:
             self.send.send_nowait(event)
@@ -188,7 +191,7 @@ class Dispatcher:
         self._closed = False
         self._inbox: collections.deque[Event] = collections.deque()  # appends and pops are thread-safe
         self._wake_pending = False
-        self.dropped_after_close = 0
+        self._warned_late = False
 
     # -- caller side (any thread) ---------------------------------------------------------------
 
@@ -207,11 +210,13 @@ class Dispatcher:
         asyncio.run_coroutine_threadsafe(self._start_runner(runner), loop)
 
     def offer(self, event: Event) -> None:
-        """Hand an event over without waiting; never raises."""
+        """Hand an event over without waiting; never raises. After close, the event is counted as
+        dropped by every sink that would have taken it (see `stats()`)."""
         loop = self._loop
-        if loop is None or self._closed:
-            if self._closed:
-                self.dropped_after_close += 1
+        if self._closed:
+            self._dropped_late([event])
+            return
+        if loop is None:
             return
         self._inbox.append(event)
         # One wake-up per burst: the loop takes everything in the inbox when it runs.
@@ -220,8 +225,16 @@ class Dispatcher:
             try:
                 loop.call_soon_threadsafe(self._fan_out)
             except RuntimeError:  # the loop has stopped under us (interpreter exit)
-                self.dropped_after_close += len(self._inbox)
+                late = list(self._inbox)
                 self._inbox.clear()
+                self._dropped_late(late)
+
+    def _dropped_late(self, events: list[Event]) -> None:
+        for runner in list(self._runners):
+            runner.dropped += sum(runner.takes(event) for event in events)
+        if not self._warned_late:
+            self._warned_late = True
+            logger.warning("moa_stream: an event arrived after the client was closed; it is counted as dropped")
 
     def offer_to(self, name: str, item: Any) -> None:
         """Hand `item` to the sink called `name` alone, without waiting (for internal notices)."""

@@ -143,6 +143,10 @@ class CallOutput(_Record, kw_only=True, frozen=True):
     tool_calls: list[ToolCall] = []
     """Tool calls, ordered by index."""
 
+    def texts(self) -> list[str]:
+        """Every piece of text it holds: content, reasoning, refusal and tool arguments."""
+        return [self.text, self.reasoning, self.refusal, *(t.arguments for t in self.tool_calls)]
+
 
 class CallRecord(_Record, kw_only=True, frozen=True):
     """One call inside a trace record: what the model saw and said, and how the call went."""

@@ -52,13 +52,18 @@ class FastSSEDecoder:
         self._event: str | None = None
         self._retry: int | None = None
         self._last_id: str | None = None
+        self._failed: UnicodeDecodeError | None = None
+        """A line that is not UTF-8: raised once the events before it have been yielded, as the
+        SDK's decoder, which decodes line by line, does."""
 
     def iter_bytes(self, iterator: Iterator[bytes]) -> Iterator[ServerSentEvent]:
         pending = b""
         for chunk in iterator:
             events, pending = self._feed(pending + chunk if pending else chunk)
             yield from events
+            self._raise_failure()
         yield from self._finish(pending)
+        self._raise_failure()
 
     async def aiter_bytes(self, iterator: AsyncIterator[bytes]) -> AsyncIterator[ServerSentEvent]:
         pending = b""
@@ -66,8 +71,14 @@ class FastSSEDecoder:
             events, pending = self._feed(pending + chunk if pending else chunk)
             for event in events:
                 yield event
+            self._raise_failure()
         for event in self._finish(pending):
             yield event
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failed is not None:
+            raise self._failed
 
     def _finish(self, pending: bytes) -> list[ServerSentEvent]:
         # A CR held back at the very end was a line end after all; any other unfinished line
@@ -87,7 +98,14 @@ class FastSSEDecoder:
         events: list[ServerSentEvent] = []
         for line in data[:end].split(b"\n"):
             if line:
-                self._field(line)
+                try:
+                    self._field(line)
+                except UnicodeDecodeError:
+                    try:
+                        line.decode("utf-8")  # the whole line, as the SDK decodes it: the same error
+                    except UnicodeDecodeError as exc:
+                        self._failed = exc
+                    return events, b""
             elif self._data or self._event or self._last_id or self._retry is not None:
                 events.append(_Event("\n".join(self._data), self._event, self._last_id, self._retry))
                 self._data, self._event, self._retry = [], None, None

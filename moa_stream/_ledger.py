@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -92,6 +93,30 @@ class _Sidecar(msgspec.Struct, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Sidecar)
+_state_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def check_json(value: object, where: str) -> None:
+    """Refuse what JSON would not give back as it is: sets, bytes and other objects (TypeError),
+    NaN and infinities (ValueError), keys that are not strings (TypeError). Tuples are allowed and
+    come back as lists. The message names the place, as `where[...]`."""
+    if value is None or isinstance(value, str | bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {value!r} has no JSON form")
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_json(item, f"{where}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; JSON keys are strings")
+            check_json(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(f"{where}: a {type(value).__name__} is not JSON (use lists, dicts, str, int, float, bool, None)")
 
 
 class _Session:
@@ -195,11 +220,11 @@ class SessionStore:
             return dict(found.state)
 
     def update_state(self, session_id: str, changes: dict[str, Any], removed: tuple[str, ...] = ()) -> None:
-        # Values must survive the sidecar's JSON: refuse what would not, before anything changes.
-        try:
-            _encoder.encode(changes)
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise TypeError(f"session state values must be JSON-serializable: {exc}") from None
+        # Values must come back from the sidecar's JSON as they are read here: refuse what would not
+        # (before anything changes), and keep what a restart reads (a tuple becomes a list).
+        for key, value in changes.items():
+            check_json(value, f"session state {key!r}")
+        changes = _state_decoder.decode(_encoder.encode(changes))
         with self.session(session_id) as found:
             self._check_state(session_id, found)
             found.state = {k: v for k, v in {**found.state, **changes}.items() if k not in removed}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Literal
 
 import anyio
@@ -26,15 +28,28 @@ from ._events import (
 )
 from ._ledger import SessionStore, SidecarWriter, Totals
 from ._pricing import PriceTable
-from ._redact import Redactor, redact_trace
+from ._quirks import UpstreamQuirks
+from ._redact import Redactor, redact_trace, scrub, secret_redactor
 from ._traces import TraceWriter
 from ._usage import resolve_tokens
 
 _SIDECAR_SINK = "session_store"
+_MAX_ERROR_CHARS = 1000
+
+
+class ClientClosedError(RuntimeError):
+    """A call or turn was asked of a wrapped client that has been closed."""
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
 
 
 class Engine:
-    """Everything a wrapped client shares: prices, sinks, the trace writer, learned upstream quirks."""
+    """Everything a wrapped client shares: prices, sinks, the trace writer, learned upstream quirks,
+    and the calls and turns in flight, which its `aclose()` ends before the events drain."""
 
     def __init__(
         self,
@@ -54,8 +69,7 @@ class Engine:
         self.redactor = redactor
         self.dispatcher = Dispatcher(buffer=sink_buffer)
         self.trace_writer = TraceWriter(trace_dir) if trace_dir is not None else None
-        # Upstreams (scheme://host:port) that answered 400 to `stream_options`: never sent it again.
-        self.rejects_stream_options: set[str] = set()
+        self.quirks = UpstreamQuirks()
         self.origin: object = None
         """The client that was wrapped, kept alive because collecting it would close the shared pool."""
         # A budget with session limits cannot go on from zero when a session's totals are unreadable.
@@ -68,6 +82,11 @@ class Engine:
             self.sessions.bind(lambda item: self.dispatcher.offer_to(_SIDECAR_SINK, item))
         for sink in sinks:
             self.dispatcher.add_sink(sink)
+        self._state = _State.OPEN
+        # Sets rather than weak sets: a call or turn leaves when it ends, and close ends the rest.
+        self._open_calls: set[Call] = set()
+        self._open_turns: set[Turn] = set()
+        self._tails: set[asyncio.Task[None]] = set()
 
     def add_sink(self, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:
         """Deliver every later event to `sink` too (sync sinks run in a worker thread).
@@ -85,8 +104,59 @@ class Engine:
         return await self.dispatcher.flush(self.drain_timeout)
 
     async def aclose(self) -> None:
-        """Flush, then stop the sink thread. Idempotent."""
-        await self.dispatcher.aclose(self.drain_timeout)
+        """End what is still in flight, deliver every event and trace line, then stop the sink
+        thread. Idempotent; shielded from cancellation.
+
+        Tail readers finish (each is bounded), every call still open ends as `closed_early`, and
+        every turn still running ends; their events reach the sinks before this returns.
+        """
+        if self._state is not _State.OPEN:
+            return
+        self._state = _State.CLOSING
+        with anyio.CancelScope(shield=True):
+            await self._finish_tails()
+            for call in list(self._open_calls):
+                call.end("closed_early")
+            for turn in list(self._open_turns):
+                turn.cut_short()
+            self._state = _State.CLOSED
+            await self.dispatcher.aclose(self.drain_timeout)
+
+    @property
+    def is_open(self) -> bool:
+        return self._state is _State.OPEN
+
+    def finish_later(self, work: Coroutine[Any, Any, None], *, fallback: Callable[[], None]) -> bool:
+        """Run `work` (which must be bounded in time) in a task this engine owns on the caller's
+        event loop, so that the caller need not wait for it; `close()` waits for it. False, with
+        `work` discarded, when that cannot be (the engine is closing, or the loop is not asyncio's):
+        the caller then finishes at once. `fallback` runs after the task in any case, even one
+        cancelled before it started, so nothing `work` had to finish is left unfinished."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self._state is not _State.OPEN:
+            work.close()
+            return False
+        task = loop.create_task(work)
+        self._tails.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tails.discard(task)
+            fallback()
+
+        task.add_done_callback(done)
+        return True
+
+    async def _finish_tails(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        ours = [task for task in self._tails if task.get_loop() is loop]
+        if ours:
+            await asyncio.wait(ours)
 
     def emit(self, event: Event) -> None:
         if isinstance(event, TurnEnd):
@@ -103,9 +173,13 @@ class Engine:
 
     def new_turn(self, *, session_id: str, model: str) -> Turn:
         """A new turn; loads the session's ledger on first sight (raises `SessionStateError` for a
-        corrupt sidecar when a budget needs it)."""
+        corrupt sidecar when a budget needs it, `ClientClosedError` once the client is closed)."""
+        if self._state is not _State.OPEN:
+            raise ClientClosedError("moa_stream: the client is closed")
         self.sessions.ledger(session_id)
-        return Turn(self, session_id=session_id, model=model)
+        turn = Turn(self, session_id=session_id, model=model)
+        self._open_turns.add(turn)
+        return turn
 
 
 class Turn:
@@ -130,6 +204,10 @@ class Turn:
         self._main: Call | None = None
         self.refused: BudgetBreach | None = None
         """The budget limit that refused one of the turn's calls, if any."""
+        self._error: str | None = None
+        self._cut = False
+        self._secrets: set[str] = set()
+        self._secret_seen = False
         # Set by a MoA turn before it ends; carried into its trace record.
         self.preset: str | None = None
         self.cadence: Literal["hit", "miss"] | None = None
@@ -150,17 +228,24 @@ class Turn:
         input_messages: list[Any],
         streamed: bool,
         main: bool = False,
+        secrets: tuple[str, ...] = (),
     ) -> Call:
-        """Start a call; `main` marks the one whose output the caller receives.
+        """Start a call; `main` marks the one whose output the caller receives; `secrets` are the
+        credential values its request carries, kept out of every event and trace.
 
-        Raises `BudgetBreach` (and starts nothing) when a hard budget limit refuses the call.
+        Raises `BudgetBreach` (and starts nothing) when a hard budget limit refuses the call, and
+        `ClientClosedError` once the client is closed.
         """
-        guard = self.engine.guard
-        if guard is not None:
+        engine = self.engine
+        if self._sealed:
+            raise RuntimeError("a sealed turn cannot start calls")
+        if not engine.is_open:
+            raise ClientClosedError("moa_stream: the client is closed")
+        if engine.guard is not None:
             try:
                 with self._lock:
                     totals, started = self._totals, len(self._records) + self._open
-                guard.admit(self.session_id, totals, started)
+                engine.guard.admit(self.session_id, totals, started)
             except BudgetBreach as breach:
                 self.refused = self.refused or breach
                 raise
@@ -172,14 +257,32 @@ class Turn:
             model=model,
             input_messages=input_messages,
             streamed=streamed,
+            secrets=secrets,
         )
         with self._lock:
-            if self._sealed:
-                raise RuntimeError("a sealed turn cannot start calls")
             self._open += 1
             if main:
                 self._main = call
+            self._secrets.update(secrets)
+        engine._open_calls.add(call)
         return call
+
+    def fail(self, reason: str) -> None:
+        """Why the turn failed, when it was not one call's failure (a refusal, a bad request)."""
+        self._error = self._error or reason
+
+    def note_inputs(self, body: bytes, secrets: tuple[str, ...]) -> None:
+        """Record whether the caller's own request body holds one of `secrets` (a pasted key):
+        then the trace's messages are scrubbed too."""
+        if any(secret.encode() in body for secret in secrets):
+            with self._lock:
+                self._secrets.update(secrets)
+                self._secret_seen = True
+
+    def cut_short(self) -> None:
+        """End the turn now (its client is closing): no more calls start."""
+        self._cut = True
+        self.seal()
 
     def seal(self) -> None:
         with self._lock:
@@ -202,9 +305,13 @@ class Turn:
             self._end()
 
     def _end(self) -> None:
+        self.engine._open_turns.discard(self)
         records = sorted(self._records, key=lambda r: r.usage.started_at)
         usages = [r.usage for r in records]
         main = self._main.usage if self._main is not None and self._main.usage is not None else None
+        status, error = self._outcome(main, usages)
+        if error is not None and self._secrets:
+            error = scrub(error, self._secrets)
         end = TurnEnd(
             turn_id=self.turn_id,
             session_id=self.session_id,
@@ -221,8 +328,8 @@ class Turn:
             started_at=self.started_at,
             ttft_s=None if main is None or main.ttft_s is None else main.ttft_s + (main.started_at - self.started_at),
             duration_s=time.perf_counter() - self._t0,
-            status=main.status if main is not None else "error" if self.refused else _worst(usages),
-            error=None if self.refused is None else self.refused.message(),
+            status=status,
+            error=error,
         )
         self.engine.emit(end)
         trace = TurnTrace(
@@ -235,8 +342,32 @@ class Turn:
             cadence=self.cadence,
             aggregator_wait_s=self.aggregator_wait_s,
         )
+        if self._secret_seen:
+            trace = redact_trace(trace, secret_redactor(self._secrets))
         redactor = self.engine.redactor
         self.engine.emit(trace if redactor is None else redact_trace(trace, redactor))
+
+    def _outcome(self, main: CallUsage | None, usages: list[CallUsage]) -> tuple[CallStatus, str | None]:
+        """The turn's status, and for an `error` its one-line reason."""
+        reason = self._error or (self.refused.message() if self.refused is not None else None)
+        if main is not None:
+            status = main.status
+        elif reason is not None:
+            status = "error"
+        else:
+            status = "closed_early" if self._cut else _worst(usages)
+        if status != "error":
+            return status, None
+        if reason is None and main is not None:
+            reason = main.error
+        if reason is None:
+            reason = next((u.error for u in usages if u.error), None) or "no call of the turn succeeded"
+        return status, _one_line(reason)
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 1] + "…"
 
 
 def _worst(usages: list[CallUsage]) -> CallStatus:
@@ -260,6 +391,7 @@ class Call:
         "provider",
         "request_id",
         "role",
+        "secrets",
         "started_at",
         "streamed",
         "ttft_s",
@@ -277,6 +409,7 @@ class Call:
         model: str,
         input_messages: list[Any],
         streamed: bool,
+        secrets: tuple[str, ...] = (),
     ) -> None:
         self.turn = turn
         self.role: Role = role
@@ -294,6 +427,8 @@ class Call:
         self.usage: CallUsage | None = None
         self.deadline: tuple[float, float] | None = None
         """(anyio time, seconds): a cancellation at or after that time is this call's timeout."""
+        self.secrets = secrets
+        """Credential values its request carried: replaced in whatever it records."""
 
     @property
     def ended(self) -> bool:
@@ -320,9 +455,17 @@ class Call:
         if self.usage is not None:
             return
         duration = time.perf_counter() - self._t0
+        turn = self.turn
+        turn.engine._open_calls.discard(self)
         buffer = self.buffer
         if status == "error" and error is None:
             error = buffer.error
+        output = buffer.output()
+        if self.secrets:
+            if error is not None:
+                error = scrub(error, self.secrets)
+            if any(secret in text for secret in self.secrets for text in output.texts()):
+                turn._secret_seen = True  # the trace's copy is scrubbed when the turn ends
         tokens = resolve_tokens(
             buffer,
             self.input_messages,
@@ -330,11 +473,11 @@ class Call:
             streamed=self.streamed,
         )
         model = buffer.model or self.model
-        prices = self.turn.engine.prices
+        prices = turn.engine.prices
         self.usage = usage = CallUsage(
             call_id=uuid.uuid4().hex,
-            turn_id=self.turn.turn_id,
-            session_id=self.turn.session_id,
+            turn_id=turn.turn_id,
+            session_id=turn.session_id,
             role=self.role,
             label=self.label,
             model=model,
@@ -369,12 +512,12 @@ class Call:
             model=model,
             provider=self.provider,
             input_messages=self.input_messages,
-            output=buffer.output(),
+            output=output,
             output_source=_output_source(self.streamed, status, buffer.has_output()),
             finish_reason=buffer.finish_reason,
             usage=usage,
         )
-        self.turn._call_ended(record)
+        turn._call_ended(record)
 
 
 def _output_source(streamed: bool, status: CallStatus, has_output: bool) -> OutputSource:

@@ -8,6 +8,7 @@ it had asked the aggregator directly, with the references' answers injected into
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Mapping
 from types import ModuleType
@@ -20,7 +21,7 @@ import openai
 from ._budget import BUDGET_ERROR, BUDGET_HEADER, BudgetBreach
 from ._cadence import CachedReferences, ReferenceCache, user_turn_key
 from ._config import Preset, Slot
-from ._events import Aggregating, CallStatus, ReferenceDone, ReferenceStarted
+from ._events import Aggregating, CallStatus, CallUsage, ReferenceDone, ReferenceStarted
 from ._fanout import run_layer
 from ._ledger import SessionStateError
 from ._meter import Call, Engine, Turn
@@ -88,32 +89,36 @@ class Presets:
 
 
 async def run_turn(
-    presets: Presets, engine: Engine, default: Upstream, payload: dict[str, Any], *, session_id: str
+    presets: Presets, engine: Engine, default: Upstream, payload: dict[str, Any], *, body: bytes, session_id: str
 ) -> Any:
-    """Answer a `moa:<name>` request: the aggregator's response, teed, or an error response."""
+    """Answer a `moa:<name>` request: the aggregator's response, teed, or an error response.
+
+    Every request ends one turn, a refused one too. The caller's SDK never reruns a turn: errors
+    come back with `x-should-retry: false`, and the turn retries its aggregator itself."""
     model = str(payload["model"])
+    try:
+        turn = engine.new_turn(session_id=session_id, model=model)
+    except SessionStateError as exc:
+        return session_error_response(default.http, exc)
+    turn.note_inputs(body, default.secrets)
     name = model[len(MOA_PREFIX) :]
     preset = presets.presets.get(name)
     if preset is None:
         known = ", ".join(f"moa:{n}" for n in sorted(presets.presets)) or "none are configured"
-        return error_response(
-            default.http, 404, f"unknown MoA preset {model!r}; presets: {known}", param="model", code="model_not_found"
-        )
+        message = f"unknown MoA preset {model!r}; presets: {known}"
+        return _refused(turn, default.http, 404, message, param="model", code="model_not_found")
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
-        return error_response(default.http, 400, f"{model}: 'messages' must be a non-empty list", param="messages")
+        message = f"{model}: 'messages' must be a non-empty list"
+        return _refused(turn, default.http, 400, message, param="messages")
     try:
         upstreams = {
             slot.label: presets.upstream_for(slot, default)
             for slot in [*(s for layer in preset.reference_layers() for s in layer), preset.aggregator_slot()]
         }
     except MoaError as exc:
-        return error_response(default.http, 500, f"{model}: {exc}")
+        return _refused(turn, default.http, 500, f"{model}: {exc}")
 
-    try:
-        turn = engine.new_turn(session_id=session_id, model=model)
-    except SessionStateError as exc:
-        return session_error_response(default.http, exc)
     turn.preset = name
     try:
         # Stragglers cancelled by the quorum rule wind down in this group while the aggregator's
@@ -129,6 +134,15 @@ async def run_turn(
     except BaseException:
         turn.seal()
         raise
+
+
+def _refused(
+    turn: Turn, http: ModuleType, status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> Any:
+    """End a turn that could not give an answer; its error response says why, and so does its `TurnEnd`."""
+    turn.fail(message)
+    turn.seal()
+    return error_response(http, status, message, param=param, code=code)
 
 
 async def _answer(
@@ -147,11 +161,11 @@ async def _answer(
         presets, preset, name, turn, upstreams, messages, stragglers
     )
     if not references and preset.on_all_failed == "error":
-        turn.seal()
         if turn.refused is not None:  # the budget stopped the fan-out: that is the error to report
+            turn.seal()
             return refusal_response(default.http, turn.refused)
-        failures = "; ".join(f"{u.label}: {u.error or u.status}" for u in turn.calls_so_far())
-        return error_response(default.http, 502, f"{model}: every reference failed ({failures})")
+        failures = "; ".join(f"{u.label}: {u.error or _unusable(u)}" for u in turn.calls_so_far())
+        return _refused(turn, default.http, 502, f"{model}: every reference failed ({failures})")
 
     aggregator = preset.aggregator_slot()
     upstream = upstreams[aggregator.label]
@@ -165,34 +179,95 @@ async def _answer(
         stale=stale,
     )
     agg_payload = _slot_payload(aggregator, agg_messages, base=payload)
-    try:
-        call = turn.new_call(
-            role="aggregator",
-            label=aggregator.label,
-            provider=upstream.host,
-            model=aggregator.model,
-            input_messages=agg_messages,
-            streamed=agg_payload.get("stream") is True,
-            main=True,
-        )
-    except BudgetBreach as breach:
-        turn.seal()
-        return refusal_response(default.http, breach)
-    turn.seal()
-    turn.engine.emit(
-        Aggregating(
-            turn_id=turn.turn_id,
-            session_id=turn.session_id,
-            preset=name,
-            model=aggregator.model,
-            references_used=len(references),
-            references_total=len(references) + len(missing),
-            cadence=turn.cadence or "miss",
-        )
-    )
     rewrite = _turn_usage(turn) if preset.usage == "turn" else None
-    turn.aggregator_wait_s = time.perf_counter() - allowed_at
-    return await send_chat(turn.engine, call, upstream, agg_payload, rewrite_usage=rewrite)
+    for attempt in range(preset.aggregator_retries + 1):
+        try:
+            call = turn.new_call(
+                role="aggregator",
+                label=aggregator.label,
+                provider=upstream.host,
+                model=aggregator.model,
+                input_messages=agg_messages,
+                streamed=agg_payload.get("stream") is True,
+                main=True,
+                secrets=upstream.secrets,
+            )
+        except BudgetBreach as breach:
+            turn.seal()
+            return refusal_response(default.http, breach)
+        if attempt == 0:
+            turn.engine.emit(
+                Aggregating(
+                    turn_id=turn.turn_id,
+                    session_id=turn.session_id,
+                    preset=name,
+                    model=aggregator.model,
+                    references_used=len(references),
+                    references_total=len(references) + len(missing),
+                    cadence=turn.cadence or "miss",
+                )
+            )
+            turn.aggregator_wait_s = time.perf_counter() - allowed_at
+        last = attempt == preset.aggregator_retries
+        try:
+            response = await send_chat(turn.engine, call, upstream, agg_payload, rewrite_usage=rewrite)
+        except Exception as exc:  # no response at all; the call has ended as an error
+            if not last and _retryable_failure(upstream, exc):
+                await anyio.sleep(_backoff(attempt, None))
+                continue
+            timed_out = isinstance(exc, upstream.http.TimeoutException)
+            reason = call.usage.error if call.usage is not None else None
+            message = (
+                f"{model}: the aggregator {aggregator.label} at {upstream.origin} could not be reached"
+                f" ({reason or type(exc).__name__})"
+            )
+            code = "upstream_timeout" if timed_out else "upstream_unreachable"
+            return _refused(turn, default.http, 504 if timed_out else 502, message, code=code)
+        if response.status_code >= 400:
+            if not last and _retryable_status(response):
+                await response.aread()  # the body says why: the attempt is recorded with its error
+                await response.aclose()
+                await anyio.sleep(_backoff(attempt, response.headers))
+                continue
+            response.headers["x-should-retry"] = "false"  # the turn has done its retries
+        turn.seal()
+        return response
+    raise AssertionError("unreachable: the last attempt always returns")
+
+
+# The statuses on which the openai SDK retries, and which the turn retries for its aggregator.
+_RETRYABLE_STATUSES = frozenset({408, 409, 429})
+_MAX_BACKOFF_S = 8.0
+_MAX_RETRY_AFTER_S = 60.0
+
+
+def _retryable_status(response: Any) -> bool:
+    if response.headers.get("x-should-retry") == "false":
+        return False
+    return response.status_code in _RETRYABLE_STATUSES or response.status_code >= 500
+
+
+def _retryable_failure(upstream: Upstream, exc: Exception) -> bool:
+    """A dropped or timed-out exchange may go through on a second try; a refused connection (or a
+    name that does not resolve) will not, so it is not retried."""
+    return isinstance(exc, upstream.http.TransportError) and not isinstance(exc, upstream.http.ConnectError)
+
+
+def _backoff(attempt: int, headers: Any) -> float:
+    """The SDK's schedule: the server's retry-after when it gives a sane one, else 0.5 s doubling."""
+    if headers is not None:
+        for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+            try:
+                seconds = float(headers.get(name, "")) * scale
+            except ValueError:
+                continue
+            if 0 <= seconds <= _MAX_RETRY_AFTER_S:
+                return seconds
+    return min(0.5 * 2.0**attempt, _MAX_BACKOFF_S) * (1 - 0.25 * random.random())
+
+
+def _unusable(usage: CallUsage) -> str:
+    return "no text in its answer" if usage.status == "completed" else usage.status
 
 
 async def _gather_references(
@@ -226,7 +301,7 @@ async def _gather_references(
         )
         references, missing = [], []
         for slot, call in zip(layer, calls, strict=True):
-            if call is not None and call.usage is not None and call.usage.status == "completed":
+            if call is not None and _usable(call):
                 references.append(Reference(slot.label, call.buffer.text))
             else:
                 missing.append(slot.label)
@@ -268,6 +343,7 @@ async def _fan_out(
                 model=slot.model,
                 input_messages=view,
                 streamed=True,
+                secrets=upstream.secrets,
             )
         except BudgetBreach:
             reference_done(slot.label, "error")  # refused, so never started: progress still adds up
@@ -288,7 +364,7 @@ async def _fan_out(
         finally:
             assert call.usage is not None
             reference_done(slot.label, call.usage.status)
-        return call.usage.status == "completed"
+        return _usable(call)
 
     def reference_done(label: str, status: CallStatus) -> None:
         nonlocal done
@@ -336,6 +412,12 @@ async def _read_reference(
         raise
     if not call.ended:  # the deadline passed while waiting for the upstream's capacity
         call.end("error", f"timed out after {timeout:g}s waiting for capacity")
+
+
+def _usable(call: Call) -> bool:
+    """A reference the aggregator can use: it completed with some text (an answer of tool calls
+    only, or of nothing, counts toward no quorum and is named among the missing)."""
+    return call.usage is not None and call.usage.status == "completed" and bool(call.buffer.text.strip())
 
 
 def _with_system(messages: list[Any], system: str | None) -> list[Any]:

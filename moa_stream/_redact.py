@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -32,6 +32,20 @@ def make_redactor(redact: RedactInput) -> Redactor:
         raise ValueError("redact: give a callable or at least one pattern")
     combined = re.compile("|".join(f"(?:{p.pattern})" for p in patterns))
     return lambda text: combined.sub(REDACTED, text)
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every occurrence of each secret replaced."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def secret_redactor(secrets: Iterable[str]) -> Redactor:
+    """A redactor that replaces the given credential values (longest first, so none is half-replaced)."""
+    ordered = sorted(set(secrets), key=len, reverse=True)
+    return lambda text: scrub(text, ordered)
 
 
 def redact_trace(trace: TurnTrace, redactor: Redactor) -> TurnTrace:

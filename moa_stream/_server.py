@@ -170,6 +170,9 @@ class _Forward:
     def __init__(
         self, client: openai.AsyncOpenAI, body: bytes, headers: dict[str, str], *, limits: _Limits, key: str
     ) -> None:
+        # The upstream's key is the server's, not the remote caller's: an error body that echoes it
+        # (some gateways do) goes back without it.
+        self._upstream_key = client.api_key.encode() if len(client.api_key) >= 8 else None
         self._client = client
         self._body = body
         self._headers = headers
@@ -216,7 +219,10 @@ class _Forward:
                 stream_cls=openai.AsyncStream[ChatCompletionChunk],
             )
         except openai.APIStatusError as exc:
-            await _Reply(exc.status_code, exc.response.content, headers=_relayed(exc.response.headers)).send_to(send)
+            content = exc.response.content
+            if self._upstream_key is not None:
+                content = content.replace(self._upstream_key, b"[REDACTED]")
+            await _Reply(exc.status_code, content, headers=_relayed(exc.response.headers)).send_to(send)
             return
         except openai.APITimeoutError:
             await _error(504, "the upstream did not answer in time", code="upstream_timeout").send_to(send)
@@ -319,6 +325,8 @@ class _Endpoints:
             payload = any_decoder.decode(body)
         except msgspec.DecodeError as exc:
             return _error(400, f"the request body is not valid JSON: {exc}")
+        except UnicodeDecodeError as exc:  # msgspec's error for a string that is not UTF-8
+            return _error(400, f"the request body is not valid JSON: invalid UTF-8 at byte {exc.start} ({exc.reason})")
         problem = _problem(payload)
         if problem is not None:
             message, param = problem

@@ -42,9 +42,12 @@ FaultKind = Literal[
     "stream_error",
     "reject_stream_options",
     "no_usage",
+    "usage_unasked",
+    "invalid_utf8",
+    "echo_key",
 ]
 _FAULT_KINDS: Final[frozenset[str]] = frozenset(get_args(FaultKind))
-_MID_STREAM_FAULTS: Final = frozenset({"disconnect", "stall", "malformed", "stream_error"})
+_MID_STREAM_FAULTS: Final = frozenset({"disconnect", "stall", "malformed", "stream_error", "invalid_utf8"})
 
 
 _SEEN = 1000
@@ -57,9 +60,13 @@ class Fault(msgspec.Struct, frozen=True, kw_only=True):
     Kinds: `http_429`/`http_500` answer with that status before any byte; after `after_chunks`
     chunk events, `disconnect` drops the connection, `stall` goes silent for `stall_s`, `malformed`
     sends one event that is not JSON and carries on, `stream_error` sends an in-stream error event
-    and ends without [DONE]; `reject_stream_options` is a 400 for requests carrying
-    `stream_options`; `no_usage` never reports usage (like the llama.cpp server). Non-streamed
-    requests: a stall delays the reply, disconnect drops it, malformed garbles it.
+    and ends without [DONE], `invalid_utf8` sends the next event together with one whose text holds
+    half a multibyte character, in one read, and ends; `reject_stream_options` is a 400 for requests
+    carrying `stream_options`; `no_usage` never reports usage (like the llama.cpp server);
+    `usage_unasked` reports it whether asked or not (like vLLM with `--enable-force-include-usage`:
+    a usage chunk always, no `usage` key on the others); `echo_key` is a 401 whose message echoes
+    the request's credentials (as some gateways do). Non-streamed requests: a stall delays the
+    reply, disconnect drops it, malformed and invalid_utf8 garble it.
     """
 
     kind: FaultKind
@@ -171,7 +178,14 @@ _MALFORMED_JSON: Final = b"{not json"
 _STREAM_ERROR: Final = (
     b'data: {"error": {"message": "simulated in-stream error", "type": "server_error", "code": "sim_error"}}\n\n'
 )
-_CHUNK_TAIL: Final = b',"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+_CHUNK_TAIL: Final = b',"logprobs":null,"finish_reason":null}]}\n\n'
+# Once usage is asked for, OpenAI adds `"usage":null` to every chunk but the usage chunk.
+_CHUNK_TAIL_ASKED: Final = b',"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+_BROKEN_UTF8: Final = "é".encode()[:1]
+_INVALID_UTF8_EVENT: Final = (
+    b'data: {"id":"chatcmpl-sim-broken","object":"chat.completion.chunk","created":1700000000,'
+    b'"model":"sim","choices":[{"index":0,"delta":{"content":" caf' + _BROKEN_UTF8 + b'"},"finish_reason":null}]}\n\n'
+)
 
 
 @dataclasses.dataclass(slots=True)
@@ -258,7 +272,7 @@ class Simulator:
         request_id = f"sim-req-{self.stats.requests}"
         route = path.partition("?")[0].rstrip("/")
         if method == "POST" and route.endswith("/chat/completions"):
-            return await self._chat(request_id, headers, body, read_timeout)
+            return await self._chat(request_id, path, headers, body, read_timeout)
         if method == "GET" and route.endswith("/models"):
             return self._json(200, request_id, self._model_list())
         return self._error(404, request_id, f"Invalid URL ({method} {path})")
@@ -266,7 +280,7 @@ class Simulator:
     # -- chat completions -------------------------------------------------------------------
 
     async def _chat(
-        self, request_id: str, headers: Mapping[str, str], body: bytes, read_timeout: float | None
+        self, request_id: str, path: str, headers: Mapping[str, str], body: bytes, read_timeout: float | None
     ) -> SimResponse:
         try:
             request = _decoder.decode(body)
@@ -291,28 +305,33 @@ class Simulator:
             except ValueError as exc:
                 return self._error(400, request_id, f"Invalid x-sim-fault header: {exc}")
         if fault is not None:
-            rejected = self._reject(fault, request_id, request)
+            rejected = self._reject(fault, request_id, request, path, headers)
             if rejected is not None:
                 return rejected
 
         plan = _plan(model, name, request)
-        include_usage = fault is None or fault.kind != "no_usage"
+        kind = fault.kind if fault is not None else None
+        include_usage = kind != "no_usage"
         if not request.get("stream"):
             # Without a stream, "after N chunks" has no meaning: a stall delays the whole reply, a
             # disconnect drops it, malformed garbles it, and stream_error does not apply.
-            kind = fault.kind if fault is not None else None
             delay = plan.ttft_s + plan.token_delay_s * max(plan.token_events() - 1, 0)
             if fault is not None and kind == "stall":
                 delay += fault.stall_s
             if delay > 0:
                 await _wait(delay, read_timeout)
             document = _completion(plan, include_usage=include_usage)
-            garbled = _MALFORMED_JSON if kind == "malformed" else None
+            garbled = None
+            if kind == "malformed":
+                garbled = _MALFORMED_JSON
+            elif kind == "invalid_utf8":
+                garbled = _json.encode(document).replace(b'"id":"', b'"id":"' + _BROKEN_UTF8, 1)
             return self._json(200, request_id, document, payload=garbled, drop=kind == "disconnect")
 
         options = request.get("stream_options")
         asked = isinstance(options, dict) and options.get("include_usage") is True
-        events = _stream_events(plan, include_usage=include_usage and asked)
+        forced = kind == "usage_unasked"
+        events = _stream_events(plan, usage_chunk=include_usage and (asked or forced), null_usage=asked and not forced)
         mid_stream = fault if fault is not None and fault.kind in _MID_STREAM_FAULTS else None
         sse_headers = [
             ("content-type", "text/event-stream"),
@@ -321,8 +340,18 @@ class Simulator:
         ]
         return SimResponse(status=200, headers=sse_headers, body=self._stream(events, mid_stream, read_timeout))
 
-    def _reject(self, fault: Fault, request_id: str, request: dict[str, Any]) -> SimResponse | None:
+    def _reject(
+        self, fault: Fault, request_id: str, request: dict[str, Any], path: str, headers: Mapping[str, str]
+    ) -> SimResponse | None:
         """The faults that answer with an HTTP error before any byte of the body."""
+        if fault.kind == "echo_key":
+            sent = {k.lower(): v for k, v in headers.items() if k.lower() in ("authorization", "api-key")}
+            return self._error(
+                401,
+                request_id,
+                f"Incorrect API key provided (simulated gateway echo): {sent} on {path}",
+                code="invalid_api_key",
+            )
         if fault.kind == "http_429":
             # retry-after-ms wins in the openai SDK; "retry-after: 0" alone means its 0.5 s backoff.
             return self._error(
@@ -372,6 +401,9 @@ class Simulator:
                         raise SimDisconnect(f"simulated disconnect after {sent} chunks")
                     if kind == "stream_error":
                         yield _STREAM_ERROR
+                        return
+                    if kind == "invalid_utf8":  # several events in one read, the last one broken
+                        yield (event or b"") + _INVALID_UTF8_EVENT
                         return
                     if kind == "malformed":
                         yield _MALFORMED
@@ -642,8 +674,9 @@ def _arguments(schema: object, rng: random.Random) -> str:
 # -- encoding --------------------------------------------------------------------------------
 
 
-def _stream_events(plan: _Plan, *, include_usage: bool) -> Iterator[tuple[bytes, float]]:
-    """The SSE chunk events of a streamed completion with the delay before each (no [DONE])."""
+def _stream_events(plan: _Plan, *, usage_chunk: bool, null_usage: bool) -> Iterator[tuple[bytes, float]]:
+    """The SSE chunk events of a streamed completion with the delay before each (no [DONE]):
+    `usage_chunk` adds the final usage chunk, `null_usage` a `"usage":null` key to the others."""
     head = b"".join(
         [
             b'data: {"id":',
@@ -658,18 +691,19 @@ def _stream_events(plan: _Plan, *, include_usage: bool) -> Iterator[tuple[bytes,
     encode = _json.encode
     delay = plan.token_delay_s
     gap = 0.0  # no delay before the first token: ttft covers it
+    tail = _CHUNK_TAIL_ASKED if null_usage else _CHUNK_TAIL
 
     if plan.tool_call is None:
-        yield head + b'{"role":"assistant","content":""}' + _CHUNK_TAIL, plan.ttft_s
+        yield head + b'{"role":"assistant","content":""}' + tail, plan.ttft_s
     else:
-        yield head + b'{"role":"assistant","content":null}' + _CHUNK_TAIL, plan.ttft_s
+        yield head + b'{"role":"assistant","content":null}' + tail, plan.ttft_s
     for i, word in enumerate(plan.reasoning):
         token = " " + word if i else word
-        yield head + b'{"reasoning_content":' + encode(token) + b"}" + _CHUNK_TAIL, gap
+        yield head + b'{"reasoning_content":' + encode(token) + b"}" + tail, gap
         gap = delay
     for i, word in enumerate(plan.content):
         token = " " + word if i else word
-        yield head + b'{"content":' + encode(token) + b"}" + _CHUNK_TAIL, gap
+        yield head + b'{"content":' + encode(token) + b"}" + tail, gap
         gap = delay
     call = plan.tool_call
     if call is not None:
@@ -683,15 +717,15 @@ def _stream_events(plan: _Plan, *, include_usage: bool) -> Iterator[tuple[bytes,
                 }
             ]
         }
-        yield head + encode(first) + _CHUNK_TAIL, 0.0
+        yield head + encode(first) + tail, 0.0
         for fragment in call.fragments:
             piece = {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}
-            yield head + encode(piece) + _CHUNK_TAIL, gap
+            yield head + encode(piece) + tail, gap
             gap = delay
-    finish = b',"logprobs":null,"finish_reason":' + encode(plan.finish_reason) + b'}],"usage":null}\n\n'
-    yield head + b"{}" + finish, 0.0
-    if include_usage:
-        usage_chunk = {
+    finish = b',"logprobs":null,"finish_reason":' + encode(plan.finish_reason) + b"}]"
+    yield head + b"{}" + finish + (b',"usage":null}\n\n' if null_usage else b"}\n\n"), 0.0
+    if usage_chunk:
+        document = {
             "id": plan.id,
             "object": "chat.completion.chunk",
             "created": _CREATED,
@@ -700,7 +734,7 @@ def _stream_events(plan: _Plan, *, include_usage: bool) -> Iterator[tuple[bytes,
             "choices": [],
             "usage": plan.usage,
         }
-        yield b"data: " + encode(usage_chunk) + b"\n\n", 0.0
+        yield b"data: " + encode(document) + b"\n\n", 0.0
 
 
 def _completion(plan: _Plan, *, include_usage: bool) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The tee: forwards an upstream response body to the caller while recording it into a call.
 
 It replaces the response's byte stream at the transport level, so the caller's SDK reads exactly the
-bytes the upstream sent (apart from a usage chunk we asked for on the caller's behalf) at its own
-pace: nothing is read ahead of the caller. Whatever way the body ends, the call ends exactly once.
+bytes the bare SDK would read (what we asked the upstream for on the caller's behalf is taken out
+again) at its own pace: nothing is read ahead of the caller. Whatever way the body ends, the call
+ends exactly once; closing never waits on the upstream.
 """
 
 from __future__ import annotations
@@ -22,13 +23,21 @@ from ._wire import any_decoder, json_encoder
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _MAX_RECORDED_BODY = 32 * 1024 * 1024
-# After the last token, the usage chunk and [DONE] are normally already on the wire: a caller who
-# stops at finish_reason still gets them recorded if they arrive within this grace period.
+# After the last token, the usage chunk and [DONE] are normally already on the wire: when a caller
+# stops at finish_reason and closes, the engine reads the tail for at most this long, off the
+# caller's path, before the call ends.
 _USAGE_TAIL_S = 0.25
+# The `usage` key OpenAI adds to every chunk once usage is asked for, in the spellings servers use;
+# the comma goes with it. A raw `"` cannot occur inside a JSON string, so these match keys only.
+_NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 
 
 UsageRewrite = Callable[[dict[str, Any]], dict[str, Any]]
 """Given the upstream's usage object, the usage object the caller should see."""
+
+UsageLearner = Callable[[bool, bool], None]
+"""Told, once a stream sent without a usage request has ended, whether a usage chunk came anyway
+and whether chunks carried a `usage` key."""
 
 
 def _with_usage(document: bytes, rewrite: UsageRewrite) -> bytes:
@@ -37,6 +46,14 @@ def _with_usage(document: bytes, rewrite: UsageRewrite) -> bytes:
         payload["usage"] = rewrite(payload["usage"])
         return json_encoder.encode(payload)
     return document
+
+
+def _without_null_usage(raw: bytes) -> bytes:
+    for spelling in _NULL_USAGE:
+        found = raw.find(spelling)
+        if found >= 0:
+            return raw[:found] + raw[found + len(spelling) :]
+    return raw
 
 
 class TeeStream:
@@ -53,14 +70,21 @@ class TeeStream:
         strip_usage: bool,
         content_encoding: str | None,
         rewrite_usage: UsageRewrite | None = None,
+        drop_null_usage: bool = False,
+        learn_usage: UsageLearner | None = None,
     ) -> None:
         self._inner = inner
         self._iterator: AsyncIterator[bytes] | None = None
         self._call = call
         self._sse = sse
         self._strip_usage = strip_usage
+        """Drop usage-only chunks: they came because we asked, and the caller did not."""
+        self._drop_null_usage = drop_null_usage
+        """Take the `usage: null` key out of chunks: it came because we asked."""
         self._content_encoding = content_encoding
         self._rewrite_usage = rewrite_usage
+        self._learn_usage = learn_usage
+        self._saw_usage_key = False
         self._pending = b""
         self._body: list[bytes] = []
         self._body_size = 0
@@ -93,22 +117,26 @@ class TeeStream:
                 yield out
 
     async def aclose(self) -> None:
+        """Close without waiting on the upstream; the call ends here, or, when the stream stopped at
+        finish_reason before its usage chunk, in a short tail read by a task the engine owns."""
         if self._closed:
             return
         self._closed = True
         call = self._call
         if not call.ended:
-            exc = sys.exc_info()[1]
-            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-            if not cancelled and self._sse and self._expects_usage_tail():
-                await self._read_usage_tail()
-            call.end(*self._status_on_close(exc))
+            status, error = self._status_on_close(sys.exc_info()[1])
+            if self._sse and self._expects_usage_tail():
+                finish = functools.partial(call.end, status, error)
+                if call.turn.engine.finish_later(self._read_tail_then_end(status, error), fallback=finish):
+                    return
+            call.end(status, error)
         with anyio.CancelScope(shield=True):
             await self._inner.aclose()
 
     def __del__(self) -> None:
-        # Abandoned without being read or closed (the SDK never started iterating): still account for it.
-        if not self._closed and not self._call.ended:
+        # The backstop: abandoned without being read or closed (the SDK never iterated), or a close
+        # that went wrong before the call ended. `end` is synchronous and first-wins.
+        if not self._call.ended:
             self._call.end("closed_early")
 
     # -- SSE ------------------------------------------------------------------------------------
@@ -137,15 +165,23 @@ class TeeStream:
         return self._event(event[6:-2], event)
 
     def _event(self, data: bytes, raw: bytes) -> bytes:
-        """Record one event's data; return what the caller gets of it (b"" when it is stripped)."""
+        """Record one event's data; return what the caller gets of it (b"" when it is stripped).
+
+        Whatever the event holds, this never raises: the caller's SDK judges the bytes it gets."""
         call = self._call
         buffer = call.buffer
         outputs = buffer.output_chunks
-        chunk = buffer.add_chunk_json(data)
+        try:
+            chunk = buffer.add_chunk_json(data)
+        except Exception as exc:  # a parser bug must not break the caller's stream: record it, pass the bytes on
+            buffer.error = buffer.error or f"unreadable stream chunk: {type(exc).__name__}: {exc}"
+            return raw
         if buffer.output_chunks != outputs and call.ttft_s is None:
             call.first_output()
+        if self._learn_usage is not None and not self._saw_usage_key:
+            self._saw_usage_key = b'"usage"' in data
         if chunk is None or chunk.usage is None:
-            return raw
+            return _without_null_usage(raw) if self._drop_null_usage else raw
         if self._strip_usage and not chunk.choices:
             return b""
         if self._rewrite_usage is not None:
@@ -177,7 +213,7 @@ class TeeStream:
                 kept.append(raw)
                 continue
             if data.startswith(b"[DONE]"):
-                self._done = True
+                self._saw_end()
                 kept.append(raw)
                 continue
             out = self._event(data, raw)
@@ -189,18 +225,41 @@ class TeeStream:
         buffer = self._call.buffer
         return not self._done and buffer.finish_reason is not None and buffer.usage is None
 
-    async def _read_usage_tail(self) -> None:
-        iterator = self._iterator
-        if iterator is None:
-            return
-        with anyio.move_on_after(_USAGE_TAIL_S):
-            try:
-                while not self._done and self._call.buffer.usage is None:
-                    self._feed(await iterator.__anext__())
-            except StopAsyncIteration:
-                self._done = True
-            except Exception:  # the tail is a bonus; the caller has what it asked for
-                return
+    async def _read_tail_then_end(self, status: CallStatus, error: str | None) -> None:
+        """The engine's task: read what is left for the usage chunk (briefly), then end the call
+        with the status the caller's close decided, and close the upstream response."""
+        try:
+            iterator = self._iterator
+            if iterator is not None:
+                with anyio.move_on_after(_USAGE_TAIL_S):
+                    while not self._done and self._call.buffer.usage is None:
+                        try:
+                            data = await iterator.__anext__()
+                        except StopAsyncIteration:
+                            self._finish_events()
+                            break
+                        self._feed(data)
+        except Exception:  # the tail is a bonus; the caller has what it asked for
+            pass
+        finally:
+            self._call.end(status, error)
+            with anyio.CancelScope(shield=True):
+                await self._inner.aclose()
+
+    def _finish_events(self) -> None:
+        """The body has ended: take a last event that lacks its blank line."""
+        if self._pending.strip():
+            # A final event without its blank line: the SDK's decoder still delivers it.
+            self._parse_events(self._pending + b"\n\n")
+        self._saw_end()
+
+    def _saw_end(self) -> None:
+        """[DONE] or the end of the body: what a stream sent without a usage request showed about
+        the upstream is now known."""
+        self._done = True
+        learn, self._learn_usage = self._learn_usage, None
+        if learn is not None and self._call.buffer.finish_reason is not None:
+            learn(self._call.buffer.usage is not None, self._saw_usage_key)
 
     # -- whole bodies (non-streamed completions and error responses) ----------------------------
 
@@ -214,15 +273,15 @@ class TeeStream:
         return data
 
     def _at_end(self) -> None:
-        self._done = True
         call = self._call
         if call.ended:
+            self._done = True
             return
-        if not self._sse:
+        if self._sse:
+            self._finish_events()
+        else:
+            self._done = True
             call.buffer.add_body(self._decoded_body(), http_status=call.http_status or 0)
-        elif self._pending.strip():
-            # A final event without its blank line: the SDK's decoder still delivers it.
-            self._parse_events(self._pending + b"\n\n")
         status: CallStatus = "error" if call.buffer.error else "completed"
         call.end(status)
 

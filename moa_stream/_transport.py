@@ -49,8 +49,8 @@ class MeteringTransport:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
+            await self.engine.aclose()  # first: its tail readers may still be reading slot clients' streams
             await self.presets.aclose()
-            await self.engine.aclose()
             await self.inner.aclose()
 
     async def _chat(self, request: Any) -> Any:
@@ -65,13 +65,14 @@ class MeteringTransport:
         upstream = Upstream.of_request(self._http, self.inner, request, drop=(SESSION_HEADER,))
         model = str(payload.get("model", ""))
         if model.startswith(MOA_PREFIX):
-            return await run_turn(self.presets, self.engine, upstream, payload, session_id=session_id)
+            return await run_turn(self.presets, self.engine, upstream, payload, body=body, session_id=session_id)
 
         messages = payload.get("messages")
         try:
             turn = self.engine.new_turn(session_id=session_id, model=model)
         except SessionStateError as exc:
             return session_error_response(self._http, exc)
+        turn.note_inputs(body, upstream.secrets)
         try:
             call = turn.new_call(
                 role="direct",
@@ -81,6 +82,7 @@ class MeteringTransport:
                 input_messages=messages if isinstance(messages, list) else [],
                 streamed=payload.get("stream") is True,
                 main=True,
+                secrets=upstream.secrets,
             )
         except BudgetBreach as breach:
             turn.seal()  # a turn with no call and the refusal as its error

@@ -7,13 +7,16 @@ behalf, falls back when an upstream rejects `stream_options`, and returns the re
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
+from urllib.parse import quote
 
 import openai
 
 from ._meter import Call, Engine
-from ._tee import UsageRewrite, tee_stream_class
+from ._quirks import UpstreamQuirks
+from ._tee import UsageLearner, UsageRewrite, tee_stream_class
 from ._wire import json_encoder
 
 
@@ -39,6 +42,8 @@ class Upstream:
         self.extensions = extensions
         self.origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         self.host: str = url.host
+        self.secrets = _credentials(self.headers, url)
+        """The credential values its requests carry, to be kept out of events and traces."""
 
     @classmethod
     def of_request(cls, http: ModuleType, transport: Any, request: Any, *, drop: tuple[str, ...] = ()) -> Upstream:
@@ -81,6 +86,28 @@ class Upstream:
         return self.http.Request("POST", self.url, headers=headers, content=body, extensions=self.extensions)
 
 
+# Where OpenAI-compatible APIs take a key: bearer tokens, Azure's and gateways' key headers, and a
+# `key` query parameter (Gemini's OpenAI-compatible endpoint and some gateways).
+_SECRET_HEADERS = ("authorization", "proxy-authorization", "api-key", "x-api-key")
+_SECRET_PARAMS = ("key", "api_key", "api-key", "apikey", "access_token")
+# Shorter values ("none", "EMPTY" for keyless local servers) would turn ordinary words into [REDACTED].
+_MIN_SECRET_CHARS = 8
+
+
+def _credentials(headers: Any, url: Any) -> tuple[str, ...]:
+    found: list[str] = []
+    for name in _SECRET_HEADERS:
+        value = headers.get(name)
+        if value:
+            scheme, _, token = value.partition(" ")
+            found.append(token.strip() if token.strip() and scheme.lower() in ("bearer", "basic", "token") else value)
+    for name in _SECRET_PARAMS:
+        value = url.params.get(name)
+        if value:
+            found += [value, quote(value, safe="")]
+    return tuple(dict.fromkeys(value for value in found if len(value) >= _MIN_SECRET_CHARS))
+
+
 async def send_chat(
     engine: Engine,
     call: Call,
@@ -94,11 +121,29 @@ async def send_chat(
 
     `body` is the caller's original bytes, forwarded as they are when nothing needs changing.
     `rewrite_usage`, given the upstream's usage object, returns the usage the caller should see.
+
+    Usage is asked for on the caller's behalf when the caller did not ask, and what that adds is
+    taken out of what the caller reads; a reference's stream is ours alone. What an upstream sends
+    unasked is learned from its first such stream, sent as the caller wrote it (its usage is then
+    estimated unless the upstream sends it anyway).
     """
     streamed = payload.get("stream") is True
     options = payload.get("stream_options")
     asked_usage = isinstance(options, dict) and options.get("include_usage") is True
-    inject = streamed and not asked_usage and upstream.origin not in engine.rejects_stream_options
+    quirks = engine.quirks
+    origin, model = upstream.origin, str(payload.get("model", ""))
+    inject = streamed and not asked_usage and not quirks.rejects_stream_options(origin)
+    drop_null_usage = False
+    learn: UsageLearner | None = None
+    if inject and call.role != "reference":
+        unasked = quirks.unasked_usage(origin, model)
+        if unasked is None:  # first sight: send it as the caller wrote it, and learn
+            inject = False
+            learn = functools.partial(_learn_unasked, quirks, origin, model)
+        elif unasked.chunk:  # the usage comes anyway, as the bare SDK's caller sees it
+            inject = False
+        else:
+            drop_null_usage = not unasked.key
     plain = body if body is not None else json_encoder.encode(payload)
     first = plain
     if inject:
@@ -110,11 +155,23 @@ async def send_chat(
         raw = await _read_raw(response)
         if b"stream_options" not in raw:
             replay = upstream.http.Response(400, headers=response.headers, stream=upstream.http.ByteStream(raw))
-            return _teed(upstream.http, call, replay, strip_usage=False, rewrite_usage=None)
-        engine.rejects_stream_options.add(upstream.origin)
-        inject = False
+            return _teed(upstream.http, call, replay, strip_usage=False)
+        quirks.learn_rejects_stream_options(origin)
+        inject = drop_null_usage = False
         response = await _send(call, upstream, upstream.request(plain, identity=identity))
-    return _teed(upstream.http, call, response, strip_usage=inject, rewrite_usage=rewrite_usage)
+    return _teed(
+        upstream.http,
+        call,
+        response,
+        strip_usage=inject,
+        drop_null_usage=drop_null_usage,
+        learn_usage=learn,
+        rewrite_usage=rewrite_usage,
+    )
+
+
+def _learn_unasked(quirks: UpstreamQuirks, origin: str, model: str, chunk: bool, key: bool) -> None:
+    quirks.learn_unasked_usage(origin, model, chunk=chunk, key=key)
 
 
 async def _send(call: Call, upstream: Upstream, request: Any) -> Any:
@@ -128,16 +185,28 @@ async def _send(call: Call, upstream: Upstream, request: Any) -> Any:
     return response
 
 
-def _teed(http: ModuleType, call: Call, response: Any, *, strip_usage: bool, rewrite_usage: UsageRewrite | None) -> Any:
+def _teed(
+    http: ModuleType,
+    call: Call,
+    response: Any,
+    *,
+    strip_usage: bool,
+    drop_null_usage: bool = False,
+    learn_usage: UsageLearner | None = None,
+    rewrite_usage: UsageRewrite | None = None,
+) -> Any:
     content_type = response.headers.get("content-type", "")
-    sse = response.status_code < 400 and content_type.startswith("text/event-stream")
+    ok = response.status_code < 400
+    sse = ok and content_type.startswith("text/event-stream")
     tee = tee_stream_class(http)(
         response.stream,
         call,
         sse=sse,
         strip_usage=strip_usage,
         content_encoding=response.headers.get("content-encoding"),
-        rewrite_usage=rewrite_usage if response.status_code < 400 else None,
+        rewrite_usage=rewrite_usage if ok else None,
+        drop_null_usage=drop_null_usage and sse,
+        learn_usage=learn_usage if sse else None,
     )
     headers = response.headers
     if rewrite_usage is not None and not sse:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import openai
 
 from ._budget import BUDGET_ERROR, BUDGET_HEADER, Budget, BudgetExceeded, load_budget, validate_budget
-from ._config import ConfigError, Preset, load_config, validate_presets
+from ._config import ConfigError, Preset, check_key_variables, load_config, validate_presets
 from ._dispatch import DEFAULT_SINK_BUFFER, Sink
 from ._fast import fast_client_class
 from ._httpcompat import module_of
@@ -76,7 +76,10 @@ def wrap(
     if find_engine(client) is not None:
         raise ValueError("this client is already wrapped by moa_stream; wrap the original client once")
     all_presets = load_config(config) if config is not None else {}
-    for name, preset in validate_presets(presets or {}).items():
+    check_key_variables(all_presets, source=os.fspath(config or ""))
+    given = validate_presets(presets or {})
+    check_key_variables(given, source="presets=")
+    for name, preset in given.items():
         if name in all_presets:
             raise ConfigError(f"presets=: preset {name!r} is also defined in {os.fspath(config or '')}")
         all_presets[name] = preset

@@ -35,6 +35,15 @@ MODELS = [
 ]
 
 
+async def first_stream(client: openai.AsyncOpenAI, log: EventLog, model: str = "sim-small") -> None:
+    """The first stream per upstream and model goes out as the caller wrote it (its usage is then
+    estimated): from it the wrapper learns what the upstream sends unasked. Tests about the calls
+    after it make it first, and forget its events."""
+    await chat_once(client, model, stream=True)
+    await moa_stream.flush(client)
+    log.events.clear()
+
+
 async def chat_once(client: openai.AsyncOpenAI, model: str = "sim-small", *, stream: bool = False) -> None:
     """One chat call, streamed to its end or not."""
     if stream:

@@ -132,3 +132,22 @@ def test_demo_local_refuses_an_upstream_of_its_own(capsys: pytest.CaptureFixture
         main(["demo", "--local", "--base-url", "http://127.0.0.1:1/v1"])
     assert exit_info.value.code == 2
     assert "--local brings its own server" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_preset_whose_key_variable_is_not_set(tmp_path: Path) -> None:
+    config = tmp_path / "moa.toml"
+    config.write_text(
+        '[presets.p]\nreferences = [{ model = "m", base_url = "http://127.0.0.1:9/v1", '
+        'api_key_env = "MOA_TEST_NO_SUCH_KEY" }]\naggregator = "m"\n'
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MOA_TEST_NO_SUCH_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "moa_stream", "demo", "--config", str(config), "--trace-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "environment variable MOA_TEST_NO_SUCH_KEY is not set" in result.stderr
+    assert "Traceback" not in result.stderr

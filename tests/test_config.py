@@ -338,7 +338,11 @@ def test_a_preset_that_is_not_a_table_is_named(tmp_path: Path) -> None:
         ),
         ('references = ["a"]\naggregator = { model = "b", tmp = 1 }\n', "aggregator.tmp", "unknown key; valid keys:"),
         ('self_moa = { model = "a", n = 2, seed = [1, 2] }\naggregator = "b"\n', "self_moa.seed", "'seeds'"),
-        ('references = ["a"]\naggregator = "b"\nxyzzy = 1\n', "xyzzy", "valid keys: aggregator, cache_entries"),
+        (
+            'references = ["a"]\naggregator = "b"\nxyzzy = 1\n',
+            "xyzzy",
+            "valid keys: aggregator, aggregator_retries, cache_entries",
+        ),
     ],
     ids=["preset-table", "reference-table", "layer-table", "aggregator-table", "self-moa-table", "no-close-match"],
 )

@@ -302,3 +302,37 @@ async def test_idle_sessions_beyond_the_cap_are_let_go_and_read_back_unchanged(t
         assert (ledger.turns, ledger.totals.calls) == (1, 1)
         assert moa_stream.session_state(client, f"user-{number}").get("number") == number
     await client.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "says"),
+    [
+        ({1, 2}, TypeError, "set"),
+        (b"raw", TypeError, "bytes"),
+        (float("nan"), ValueError, "nan"),
+        ({"nested": [1, float("inf")]}, ValueError, r"\['nested'\]\[1\]"),
+        ({1: "int key"}, TypeError, "key"),
+        (object(), TypeError, "object"),
+    ],
+)
+async def test_session_state_refuses_what_json_would_change_before_anything_changes(
+    tmp_path: Path, value: object, error: type[Exception], says: str
+) -> None:
+    client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
+    state = moa_stream.session_state(client, "strict")
+    state.set("kept", "as it was")
+    with pytest.raises(error, match=says):
+        state.set("bad", value)
+    assert state.items() == {"kept": "as it was"}
+    await client.close()
+
+
+async def test_session_state_reads_back_in_process_what_a_restart_reads(tmp_path: Path) -> None:
+    value = {"pair": (1, 2), "deep": [{"t": (True, None)}], "big": 2**53, "x": 1.5}
+    client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
+    moa_stream.session_state(client, "same").set("v", value)
+    here = moa_stream.session_state(client, "same").get("v")
+    await client.close()
+    restarted = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
+    assert here == moa_stream.session_state(restarted, "same").get("v") == json.loads(json.dumps(value))
+    await restarted.close()

@@ -287,12 +287,47 @@ async def test_slot_with_its_own_client_calls_that_upstream(wrapped: Wrapped, lo
     await other_client.close()
 
 
-async def test_slot_by_base_url_needs_its_key_variable(wrapped: Wrapped, sim: Simulator) -> None:
+async def test_slot_by_base_url_needs_its_key_variable_at_wrap(
+    wrapped: Wrapped, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MOA_TEST_UNSET_KEY", raising=False)
     slot = Slot(model="x", base_url="http://127.0.0.1:9/v1", api_key_env="MOA_TEST_UNSET_KEY")
+    with pytest.raises(
+        moa_stream.ConfigError,
+        match=r"presets=: preset 'k': slot 'x': api_key_env: environment variable MOA_TEST_UNSET_KEY is not set",
+    ):
+        wrapped(presets={"k": Preset(references=[slot], aggregator="agg")})
+
+
+async def test_key_variable_gone_after_wrap_fails_the_turn_with_its_reason(
+    wrapped: Wrapped, sim: Simulator, log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOA_TEST_LATER_UNSET", "sk-later")
+    slot = Slot(model="x", base_url="http://127.0.0.1:9/v1", api_key_env="MOA_TEST_LATER_UNSET")
     client = wrapped(presets={"k": Preset(references=[slot], aggregator="agg")})
-    with pytest.raises(openai.InternalServerError, match="MOA_TEST_UNSET_KEY"):
+    monkeypatch.delenv("MOA_TEST_LATER_UNSET")
+    with pytest.raises(openai.InternalServerError, match="MOA_TEST_LATER_UNSET"):
         await client.chat.completions.create(model="moa:k", messages=USER)  # type: ignore[arg-type]
     assert sim.stats.requests == 0
+    await log.wait_turns(1)
+    [end] = log.of(moa_stream.TurnEnd)
+    assert (end.status, end.calls) == ("error", 0)
+    assert end.error is not None
+    assert "MOA_TEST_LATER_UNSET" in end.error
+    assert log.of(moa_stream.TurnTrace)[0].end == end
+
+
+async def test_request_refused_before_any_call_still_ends_its_turn(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets=trio())
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="moa:nope", messages=USER)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="moa:trio", messages=[])
+    await log.wait_turns(2)
+    ends = log.of(moa_stream.TurnEnd)
+    assert [(e.model, e.status, e.calls) for e in ends] == [("moa:nope", "error", 0), ("moa:trio", "error", 0)]
+    assert "unknown MoA preset" in (ends[0].error or "")
+    assert "messages" in (ends[1].error or "")
 
 
 async def test_capacity_limit_serializes_references_on_one_upstream(wrapped: Wrapped, sim: Simulator) -> None:
@@ -385,3 +420,100 @@ async def test_unreachable_reference_upstream_is_a_failed_reference(wrapped: Wra
     failed = next(c for c in log.of(moa_stream.CallUsage) if c.label == "x")
     assert (failed.status, failed.http_status) == ("error", None)
     assert "ConnectError" in (failed.error or "")
+
+
+# -- references that say nothing, reasons of failed turns, retries --------------------------------
+
+
+async def test_reference_with_no_text_is_unusable_and_does_not_meet_the_quorum(wrapped: Wrapped, log: EventLog) -> None:
+    # an instant reference that answers with a tool call only, next to a slower one with text
+    tool_only = Slot(model="agg", label="tool-only", extra={"tools": [WEATHER_TOOL], "tool_choice": "required"})
+    presets = {"q": Preset(references=[tool_only, "ref-b"], aggregator="agg", quorum=1, grace=0.0)}
+    client = wrapped(presets=presets)
+    await client.chat.completions.create(model="moa:q", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    [trace] = log.of(moa_stream.TurnTrace)
+    by_label = {c.label: c for c in trace.calls}
+    assert by_label["tool-only"].usage.status == "completed"  # metered as it really ended
+    assert by_label["tool-only"].output.tool_calls
+    assert not by_label["tool-only"].output.text
+    assert by_label["ref-b"].usage.status == "completed"  # the quorum waited for a usable answer
+    [aggregating] = log.of(moa_stream.Aggregating)
+    assert (aggregating.references_used, aggregating.references_total) == (1, 2)
+    block = by_label["agg"].input_messages[0]["content"]
+    assert "tool-only" in block  # named among the missing
+    assert "2." not in block  # no empty numbered answer
+
+
+async def test_all_failed_error_policy_puts_the_reason_in_the_turn_end(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets={"strict": Preset(references=["ref-fail"], aggregator="agg", on_all_failed="error")})
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="moa:strict", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    [end] = log.of(moa_stream.TurnEnd)
+    assert end.status == "error"
+    assert end.error is not None
+    assert end.error.startswith("moa:strict: every reference failed (ref-fail: HTTP 500")
+    assert "\n" not in end.error
+    assert log.of(moa_stream.TurnTrace)[0].end.error == end.error
+
+
+async def test_unreachable_upstream_puts_the_reason_in_the_turn_end(log: EventLog, tmp_path: Any) -> None:
+    client = moa_stream.wrap(
+        openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{closed_port()}/v1", api_key="k", max_retries=0), sinks=[log]
+    )
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(model="m", messages=USER)  # type: ignore[arg-type]
+    await client.close()
+    [end] = log.of(moa_stream.TurnEnd)
+    assert end.status == "error"
+    assert end.error is not None
+    assert "ConnectError" in end.error
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on: connections to it are refused."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_sdk_retries_never_rerun_a_turn_against_an_unreachable_upstream(log: EventLog) -> None:
+    # The SDK's default of two retries: each would have rerun every reference.
+    client = moa_stream.wrap(
+        openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{closed_port()}/v1", api_key="k"),
+        sinks=[log],
+        presets=trio(),
+    )
+    with pytest.raises(openai.InternalServerError, match=r"could not be reached") as raised:
+        await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    assert raised.value.status_code == 502
+    assert "127.0.0.1" in str(raised.value)  # names where it tried
+    await client.close()
+    assert len(log.of(moa_stream.TurnEnd)) == 1
+    calls = log.of(moa_stream.CallUsage)
+    # each reference once, and one aggregator attempt, not retried: its host refused every reference
+    assert sorted(c.role for c in calls) == ["aggregator", "reference", "reference", "reference"]
+
+
+async def test_the_turn_retries_its_aggregator_itself_and_the_sdk_never_reruns_references(
+    wrapped: Wrapped, log: EventLog, sim: Simulator, upstream: openai.AsyncOpenAI
+) -> None:
+    limited = Simulator([SimModel(name="agg", fault=Fault(kind="http_429"))])
+    agg = Slot(model="agg", client=sim_client(limited))
+    client = moa_stream.wrap(
+        upstream.with_options(max_retries=2),
+        sinks=[log],
+        presets={"r": Preset(references=["ref-a", "ref-b"], aggregator=agg, aggregator_retries=2)},
+    )
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="moa:r", messages=USER)  # type: ignore[arg-type]
+    await client.close()
+    assert sim.stats.requests_by_model == {"ref-a": 1, "ref-b": 1}  # the references ran once
+    assert limited.stats.requests_by_model == {"agg": 3}  # one attempt and the preset's two retries
+    [end] = log.of(moa_stream.TurnEnd)
+    assert (end.calls, end.status) == (5, "error")
+    assert end.error is not None
+    assert "429" in end.error

@@ -142,7 +142,7 @@ async def test_client_spans_carry_the_genai_attributes_of_their_call(
     client = wrapped(
         presets={"duo": Preset(references=["m1", "m2"], aggregator="m3")}, prices=PRICES, sinks=[log, otel.sink]
     )
-    await moa_turn(client, "duo")
+    await moa_turn(client, "duo", stream_options={"include_usage": True})
     spans = by_label(otel.client_spans())
     for usage in log.of(moa_stream.CallUsage):
         span = spans[usage.label]
@@ -265,7 +265,12 @@ async def test_metrics_record_tokens_duration_and_time_to_first_chunk(
     wrapped: Wrapped, log: EventLog, otel: Telemetry
 ) -> None:
     client = wrapped(sinks=[log, otel.sink])
-    stream = await client.chat.completions.create(model="m1", messages=USER, stream=True)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(
+        model="m1",
+        messages=USER,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     async for _ in stream:
         pass
     await client.chat.completions.create(model="m1", messages=USER)  # type: ignore[arg-type]

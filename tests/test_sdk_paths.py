@@ -9,7 +9,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 import moa_stream
 from moa_stream._sim import sim_token_count
 
-from .conftest import EventLog
+from .conftest import EventLog, first_stream
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
 
@@ -21,6 +21,7 @@ def only_call(log: EventLog) -> moa_stream.CallUsage:
 
 
 async def test_create_streamed_is_metered_with_reported_usage(client: openai.AsyncOpenAI, log: EventLog) -> None:
+    await first_stream(client, log)
     stream = await client.chat.completions.create(model="sim-small", messages=USER, stream=True)
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     await log.wait_turns(1)

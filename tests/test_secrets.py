@@ -14,6 +14,7 @@ from moa_stream._sim import Fault, SimModel, Simulator
 from moa_stream._sim_transport import sim_client
 
 from .conftest import EventLog
+from .scripted import SSE, Reply, Request, ScriptedUpstream, error_reply, sse
 
 SENTINEL = "sk-SENTINEL-6f1e2d3c4b5a"
 OTHER_SENTINEL = "sk-OTHER-SENTINEL-0a9b8c"
@@ -107,3 +108,56 @@ async def test_a_redaction_callable_sees_outputs_and_tool_arguments(sim: Simulat
 def test_bad_redaction_pattern_is_refused_at_wrap(sim: Simulator) -> None:
     with pytest.raises(ValueError, match=r"redact: pattern '\(' is not a valid regular expression"):
         moa_stream.wrap(sim_client(sim), redact=["("])
+
+
+def echoing_gateway(request: Request) -> Reply:
+    """A gateway that echoes what it was sent into its errors: the headers, the query string, and
+    for streams an in-stream error event."""
+    seen = f"headers={request.headers!r} path={request.path}"
+    if request.json().get("stream"):
+        event = {"error": {"message": f"upstream refused: {seen}", "type": "server_error"}}
+        return Reply(headers=SSE, parts=[sse(event)])
+    return error_reply(401, f"Incorrect API key provided; request was {seen}")
+
+
+@pytest.mark.parametrize("where", ["bearer", "azure_header", "query"])
+async def test_credentials_echoed_by_an_upstream_error_appear_in_no_event_trace_or_log(
+    where: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    log = EventLog()
+    with ScriptedUpstream(echoing_gateway) as gateway:
+        if where == "bearer":
+            bare = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=SENTINEL, max_retries=0)
+        elif where == "azure_header":
+            bare = openai.AsyncOpenAI(
+                base_url=gateway.base_url, api_key="unused-key", default_headers={"api-key": SENTINEL}, max_retries=0
+            )
+        else:
+            bare = openai.AsyncOpenAI(
+                base_url=gateway.base_url, api_key="unused-key", default_query={"key": SENTINEL}, max_retries=0
+            )
+        presets = {"p": Preset(references=["a", "b"], aggregator="c")}
+        client = moa_stream.wrap(bare, sinks=[log], trace_dir=tmp_path, presets=presets)
+        with pytest.raises(openai.AuthenticationError) as raised:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert SENTINEL in str(raised.value)  # the caller gets the upstream's own answer, as with the bare SDK
+        with pytest.raises(openai.APIError):
+            async for _ in await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+            ):
+                pass
+        with pytest.raises(openai.AuthenticationError):
+            await client.chat.completions.create(model="moa:p", messages=[{"role": "user", "content": "hi"}])
+        await client.close()
+    written = [moa_stream.event_encoder.encode(e).decode() for e in log.events]
+    written += trace_texts(tmp_path)
+    written += [
+        record.getMessage() + str(record.exc_info) for record in caplog.records if record.name.startswith("moa")
+    ]
+    errors = [c.error for c in log.of(moa_stream.CallUsage)]
+    assert len(errors) == 5
+    assert all(errors)
+    assert all("[REDACTED]" in e for e in errors if e)  # the rest of the reason is kept
+    for text in written:
+        assert SENTINEL not in text

@@ -174,6 +174,18 @@ async def test_upstream_error_comes_back_with_its_status_and_body(serve: Serve, 
     assert (call.status, call.http_status) == ("error", 429)
 
 
+async def test_upstream_error_echoing_the_servers_key_reaches_the_remote_caller_without_it(log: EventLog) -> None:
+    key = "sk-server-upstream-4b7e21"
+    sim = Simulator([SimModel(name="echo", fault=Fault(kind="echo_key"))])
+    client = moa_stream.wrap(sim_client(sim, max_retries=0, api_key=key), sinks=[log])
+    async with Server(create_app(client), port=0, graceful_timeout=5) as server, raw(server) as http:
+        response = await http.post("chat/completions", json=CHAT | {"model": "echo"})
+    error = assert_openai_error(response, 401)
+    assert key not in response.text
+    assert "[REDACTED]" in error["message"]
+    assert key in sim.headers_seen[0]["authorization"]  # it was sent, and echoed
+
+
 async def test_unknown_preset_is_the_librarys_404(serve: Serve, log: EventLog) -> None:
     async with serve() as server, raw(server) as http:
         response = await http.post("chat/completions", json=CHAT | {"model": "moa:nope"})
@@ -195,6 +207,18 @@ async def test_malformed_json_is_a_400_in_openai_shape(serve: Serve, log: EventL
         )
     error = assert_openai_error(response, 400)
     assert "not valid JSON" in error["message"]
+    assert log.of(moa_stream.CallUsage) == []
+
+
+async def test_invalid_utf8_inside_a_json_string_is_a_400_in_openai_shape(serve: Serve, log: EventLog) -> None:
+    async with serve() as server, raw(server) as http:
+        response = await http.post(
+            "chat/completions",
+            content=b'{"model": "sim-small", "messages": [{"role": "user", "content": "caf\xc3"}]}',
+            headers={"content-type": "application/json"},
+        )
+    error = assert_openai_error(response, 400)
+    assert "UTF-8" in error["message"]
     assert log.of(moa_stream.CallUsage) == []
 
 
@@ -339,6 +363,23 @@ def test_serve_refuses_a_token_variable_that_is_not_set(
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     assert run_serve(parser.parse_args(["serve", "--token-env", "MOA_TEST_NO_SUCH_TOKEN"])) == 2
     assert "--token-env MOA_TEST_NO_SUCH_TOKEN" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_preset_whose_key_variable_is_not_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.delenv("MOA_TEST_NO_SUCH_KEY", raising=False)
+    config = tmp_path / "moa.toml"
+    config.write_text(
+        '[presets.p]\nreferences = [{ model = "m", base_url = "http://127.0.0.1:9/v1", '
+        'api_key_env = "MOA_TEST_NO_SUCH_KEY" }]\naggregator = "m"\n'
+    )
+    parser = argparse.ArgumentParser(prog="moa-stream")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    assert run_serve(parser.parse_args(["serve", "--config", str(config)])) == 2
+    err = capsys.readouterr().err
+    assert "MOA_TEST_NO_SUCH_KEY" in err
+    assert "is not set" in err
 
 
 _SERVE_MAIN = """

@@ -111,7 +111,7 @@ async def test_close_is_idempotent_and_later_events_are_counted_as_dropped(upstr
     await client.close()
     await client.close()
     assert len(received) == 3
-    assert moa_stream.engine_of(client).dispatcher.dropped_after_close == 0
+    assert [s.dropped for s in moa_stream.engine_of(client).sink_stats()] == [0]
 
 
 async def stuck_async_sink(event: moa_stream.Event) -> None:

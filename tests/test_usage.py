@@ -10,7 +10,7 @@ import pytest
 import moa_stream
 from moa_stream._sim import Simulator, sim_token_count
 
-from .conftest import EventLog
+from .conftest import EventLog, first_stream
 from .test_sim import WEATHER_TOOL
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
@@ -24,12 +24,14 @@ async def test_usage_is_requested_upstream_and_hidden_from_the_caller(
     client: openai.AsyncOpenAI, upstream: openai.AsyncOpenAI, log: EventLog, sim: Simulator
 ) -> None:
     bare = await collect(await upstream.chat.completions.create(model="sim-small", messages=USER, stream=True))
+    first = await collect(await client.chat.completions.create(model="sim-small", messages=USER, stream=True))
     teed = await collect(await client.chat.completions.create(model="sim-small", messages=USER, stream=True))
-    assert teed == bare  # what the caller sees is what the bare SDK shows
+    assert first == teed == bare  # what the caller sees is what the bare SDK shows
+    # the first goes out as written and shows that this upstream sends no usage unasked
+    assert ["stream_options" in r for r in sim.requests_seen] == [False, False, True]
     assert sim.requests_seen[-1]["stream_options"] == {"include_usage": True}
-    assert "stream_options" not in sim.requests_seen[-2]
-    await log.wait_turns(1)
-    assert log.of(moa_stream.CallUsage)[0].usage_source == "reported"
+    await log.wait_turns(2)
+    assert [c.usage_source for c in log.of(moa_stream.CallUsage)] == ["estimated", "reported"]
 
 
 async def test_caller_who_asked_for_usage_sees_it_once(client: openai.AsyncOpenAI, log: EventLog) -> None:
@@ -46,7 +48,8 @@ async def test_caller_who_asked_for_usage_sees_it_once(client: openai.AsyncOpenA
     assert call.input_tokens == usages[0]["prompt_tokens"]  # type: ignore[index]
 
 
-async def test_other_stream_options_are_kept(client: openai.AsyncOpenAI, sim: Simulator) -> None:
+async def test_other_stream_options_are_kept(client: openai.AsyncOpenAI, sim: Simulator, log: EventLog) -> None:
+    await first_stream(client, log)
     await collect(
         await client.chat.completions.create(
             model="sim-small",
@@ -61,6 +64,7 @@ async def test_other_stream_options_are_kept(client: openai.AsyncOpenAI, sim: Si
 async def test_upstream_rejecting_stream_options_is_retried_without_and_remembered(
     client: openai.AsyncOpenAI, log: EventLog, sim: Simulator
 ) -> None:
+    await first_stream(client, log)
     headers = {"x-sim-fault": "reject_stream_options"}
     for _ in range(2):
         stream = await client.chat.completions.create(
@@ -68,7 +72,7 @@ async def test_upstream_rejecting_stream_options_is_retried_without_and_remember
         )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     # first turn: rejected attempt + retry; second turn: no stream_options from the start
-    assert ["stream_options" in r for r in sim.requests_seen] == [True, False, False]
+    assert ["stream_options" in r for r in list(sim.requests_seen)[1:]] == [True, False, False]
     await log.wait_turns(2)
     calls = log.of(moa_stream.CallUsage)
     assert [c.status for c in calls] == ["completed", "completed"]
@@ -93,6 +97,7 @@ async def test_server_without_usage_is_estimated_never_reported_as_zero(
 
 
 async def test_reasoning_text_and_tokens_are_recorded(client: openai.AsyncOpenAI, log: EventLog) -> None:
+    await first_stream(client, log, "sim-reasoner")
     stream = await client.chat.completions.create(model="sim-reasoner", messages=USER, stream=True)
     async for _ in stream:
         pass
