@@ -1,7 +1,7 @@
 """Randomized fault matrix: whatever the upstream does, however the caller leaves and whatever the
 sinks and the trace disk do, every call is accounted for exactly once, the turn ends once, no
-stream or sink thread stays open, a sink's loss is counted, and the caller sees what the bare SDK
-would raise.
+stream or sink thread stays open, a sink's loss is counted, no credential reaches an event or a
+trace, and the caller sees what the bare SDK would give (its chunks and its exception).
 
 The default run is a fixed-seed fast profile; `MOA_FAULT_PROFILE=long pytest -s tests/test_fault_matrix.py`
 runs 10,000 random cases per test (with `-s`, progress every 1,000 cases), and `MOA_FAULT_CASES=N`
@@ -44,6 +44,7 @@ PROFILE = settings(
 )
 USER = [{"role": "user", "content": "Tell me about streams"}]
 SESSION = "matrix"
+KEY = "sk-matrix-credential-5e1f0a"  # echoed back by the `echo_key` fault; must never be recorded
 
 # Everything imported so far lives for the whole run: keeping it out of the collector's view makes
 # each case's collections (which find abandoned streams) cheap, about 100x here.
@@ -59,16 +60,22 @@ faults = st.one_of(
     ),
 )
 behaviours = st.tuples(
-    st.sampled_from(["consume", "break", "close", "cancel", "abandon", "wait_for"]), st.integers(0, 8)
+    st.sampled_from(["consume", "break", "close", "close_cancelled", "cancel", "abandon", "wait_for"]),
+    st.integers(0, 8),
 )
 
 
-async def drive(client: openai.AsyncOpenAI, model: str, streamed: bool, behaviour: tuple[str, int]) -> str:
-    """Make one call and leave it the way `behaviour` says; returns the exception type's name, or ''."""
+async def drive(
+    client: openai.AsyncOpenAI, model: str, streamed: bool, behaviour: tuple[str, int], chunks: list[Any] | None = None
+) -> str:
+    """Make one call and leave it the way `behaviour` says; returns the exception type's name, or ''.
+    The chunks the caller got (their `to_dict()`) go to `chunks`."""
     how, at = behaviour
+    chunks = [] if chunks is None else chunks
     try:
         if not streamed:
-            await client.with_options(timeout=0.3).chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
+            reply = await client.with_options(timeout=0.3).chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
+            chunks.append(reply.to_dict())
             return ""
         with anyio.CancelScope() as scope:
             stream = await client.with_options(timeout=0.3).chat.completions.create(
@@ -83,15 +90,23 @@ async def drive(client: openai.AsyncOpenAI, model: str, streamed: bool, behaviou
                 await stream.close()
                 return ""
             seen = 0
-            async for _ in stream:
+            async for chunk in stream:
+                chunks.append(chunk.to_dict())
                 seen += 1
-                if seen > at and how in ("break", "close", "abandon"):
+                if seen > at and how in ("break", "close", "close_cancelled", "abandon"):
                     break
                 if seen > at and how == "cancel":
                     scope.cancel()
                     await anyio.lowlevel.checkpoint()
             if how == "close":
                 await stream.close()
+            if how == "close_cancelled":  # the close is cancelled after 0-3 steps of the loop
+                closing = asyncio.ensure_future(stream.close())
+                for _ in range(at % 4):
+                    await asyncio.sleep(0)
+                closing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await closing
             if how == "abandon":
                 del stream
                 for _ in range(3):
@@ -201,6 +216,13 @@ class Sinks:
     def check(self, client: openai.AsyncOpenAI) -> None:
         log = self.log
         assert len(log.of(moa_stream.TurnEnd)) == len(log.of(moa_stream.TurnTrace)) == 1
+        for end in log.of(moa_stream.TurnEnd):  # a failed turn says why, in one line
+            assert (end.status == "error") == (end.error is not None)
+            assert end.error is None or "\n" not in end.error
+        recorded = [moa_stream.event_encoder.encode(e) for e in log.events]
+        if self.trace_dir.is_dir():  # (the disk-full case's file is /dev/full, which reads forever)
+            recorded += [path.read_bytes() for path in self.trace_dir.glob("*.jsonl") if not path.is_symlink()]
+        assert not any(KEY.encode() in text for text in recorded)
         engine = moa_stream.engine_of(client)
         stats = {s.name: s for s in engine.sink_stats()}
         count = len(log.events)
@@ -231,16 +253,17 @@ async def run_case(
     behaviour: tuple[str, int],
     sink_fault: str,
     trace_fault: str | None,
+    chunks: list[Any] | None = None,
     **options: Any,
 ) -> tuple[str, list[moa_stream.CallUsage]]:
     """Make one call under the case's faults, check the invariants every case shares, and return
-    what the caller raised and the calls' usage events."""
+    what the caller raised and the calls' usage events (the caller's chunks go to `chunks`)."""
     _progress()
     with tempfile.TemporaryDirectory() as directory, _quiet():
         sinks = Sinks(sink_fault, trace_fault, Path(directory))
-        client = sinks.wrap(sim_client(sim, max_retries=0), **options)
+        client = sinks.wrap(sim_client(sim, max_retries=0, api_key=KEY), **options)
         with moa_stream.session(SESSION):
-            raised = await drive(client, model, streamed, behaviour)
+            raised = await drive(client, model, streamed, behaviour, chunks)
         await settle(sim)
         await sinks.finish(client)
         sinks.check(client)
@@ -268,11 +291,13 @@ async def test_direct_call_under_any_fault_and_exit(
     fault: Fault | None, streamed: bool, behaviour: tuple[str, int], sink_fault: str, trace_fault: str | None
 ) -> None:
     sim = Simulator([SimModel(name="m", fault=fault)])
-    raised, _ = await run_case(sim, "m", streamed, behaviour, sink_fault, trace_fault)
+    got: list[Any] = []
+    raised, _ = await run_case(sim, "m", streamed, behaviour, sink_fault, trace_fault, got)
     if behaviour[0] == "consume":
         bare_sim = Simulator([SimModel(name="m", fault=fault)])
-        bare = await drive(sim_client(bare_sim, max_retries=0), "m", streamed, behaviour)
-        assert raised == bare  # the caller sees what the bare SDK raises
+        expected: list[Any] = []
+        bare = await drive(sim_client(bare_sim, max_retries=0, api_key=KEY), "m", streamed, behaviour, expected)
+        assert (raised, got) == (bare, expected)  # the caller sees what the bare SDK gives
         await settle(bare_sim)
 
 
@@ -307,3 +332,67 @@ async def test_moa_turn_under_any_reference_fault_and_exit(
         assert (on_all_failed, all_failed, aggregators) == ("error", True, [])
     elif behaviour[0] != "cancel":
         assert len(aggregators) == 1  # failing references never sink the turn
+
+
+@PROFILE
+@given(
+    streams=st.lists(st.tuples(faults, st.integers(0, 4)), max_size=3),
+    moa_turn=st.sampled_from([None, 0, 1, 2]),
+    trace=st.booleans(),
+)
+async def test_client_close_with_any_calls_still_open(
+    streams: list[tuple[Fault | None, int]], moa_turn: int | None, trace: bool
+) -> None:
+    """Closing the client with 0-3 streams open (each read to a random depth) and maybe a MoA turn
+    in flight (closed after 0-2 of its references ended) ends every call and turn once, with every
+    event delivered and every trace line written before `close()` returns."""
+    _progress()
+    models = [SimModel(name=f"s{i}", fault=fault) for i, (fault, _) in enumerate(streams)]
+    models += [SimModel(name="r1"), SimModel(name="r2", tokens_per_s=50.0), SimModel(name="agg")]
+    sim = Simulator(models)
+    log = EventLog()
+    with tempfile.TemporaryDirectory() as directory, _quiet(), moa_stream.session(SESSION):
+        trace_dir = Path(directory) if trace else None
+        preset = Preset(references=["r1", "r2"], aggregator="agg", reference_timeout=5.0)
+        client = moa_stream.wrap(
+            sim_client(sim, max_retries=0, api_key=KEY), sinks=[log], trace_dir=trace_dir, presets={"p": preset}
+        )
+        opened = []
+        for i, (_, depth) in enumerate(streams):
+            try:
+                stream = await client.with_options(timeout=0.3).chat.completions.create(
+                    model=f"s{i}",
+                    messages=USER,  # type: ignore[arg-type]
+                    stream=True,
+                )
+            except openai.APIError:  # refused before the body (429, 500, a bad key): a turn that has ended
+                continue
+            with contextlib.suppress(Exception):
+                for _ in range(depth):
+                    await stream.__anext__()
+            opened.append(stream)
+        async with anyio.create_task_group() as tasks:
+            if moa_turn is not None:
+
+                async def turn() -> None:
+                    with contextlib.suppress(Exception):
+                        await client.chat.completions.create(model="moa:p", messages=USER)  # type: ignore[arg-type]
+
+                tasks.start_soon(turn)
+                started = moa_stream.ReferenceStarted  # the turn is under way before the client closes
+                await log.wait_for(
+                    lambda log: bool(log.of(started)) and len(log.of(moa_stream.ReferenceDone)) >= moa_turn
+                )
+            await client.close()
+            # no waiting from here on: close() has delivered everything
+            turns = len(streams) + (moa_turn is not None)
+            assert len(log.of(moa_stream.TurnEnd)) == len(log.of(moa_stream.TurnTrace)) == turns
+            assert len(log.of(moa_stream.CallUsage)) == expected_calls(sim)
+            if trace_dir is not None and turns:
+                assert len(list(moa_stream.read_traces(trace_dir / f"{SESSION}.jsonl"))) == turns
+            assert sum(s.dropped + s.failed for s in moa_stream.engine_of(client).sink_stats()) == 0
+            tasks.cancel_scope.cancel()
+        for stream in opened:
+            await stream.close()
+        await settle(sim)
+        assert_no_task_left()
