@@ -107,6 +107,10 @@ class ScriptedUpstream:
                 await self._reply(writer, self.handler(request))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            # The server is stopping: end quietly (Python 3.11's stream callback would log a
+            # cancelled handler as an error).
+            pass
         finally:
             writer.close()
 
