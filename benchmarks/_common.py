@@ -26,8 +26,8 @@ import msgspec
 import openai
 
 import moa_stream
-from moa_stream._httpcompat import default_module
-from moa_stream._sim import SimModel
+from moa_stream._sdk import default_http_module
+from moa_stream.testing import SimModel
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -38,8 +38,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # net.core.somaxconn; the descriptor limit is raised for the 1,000-stream rounds.
 _SERVER = """
 import resource, sys, anyio, msgspec
-from moa_stream._sim import Simulator, SimModel
-from moa_stream._sim_server import SimServer
+from moa_stream.testing import Simulator, SimModel
+from moa_stream.testing import SimServer
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 models = msgspec.json.decode(sys.argv[1], type=list[SimModel])
@@ -140,7 +140,7 @@ def new_client(base_url: str, *, connections: int | None = None) -> openai.Async
     to resume it, and these rounds measure throughput and events, not the SDK's timeouts."""
     http_client = None
     if connections is not None:
-        http = default_module()
+        http = default_http_module()
         limits = http.Limits(max_connections=connections, max_keepalive_connections=connections)
         timeout = http.Timeout(600.0, connect=CONNECT_TIMEOUT_S)
         http_client = openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout)
@@ -425,7 +425,7 @@ def environment() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "openai": openai.__version__,
-        "http": default_module().__name__,
+        "http": default_http_module().__name__,
         "msgspec": msgspec.__version__,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),

@@ -23,8 +23,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._httpcompat import default_module
-from moa_stream._sim import SimModel
+from moa_stream._sdk import default_http_module
+from moa_stream.testing import SimModel
 
 from ._common import new_client, null_sink, rotated, spread, wrap_client
 
@@ -93,7 +93,7 @@ class FloorReader(Reader):
     def __init__(self, base_url: str, *, name: str = "floor") -> None:
         self.name = name
         self._url = f"{base_url}/chat/completions"
-        self._http: Any = default_module().AsyncClient(timeout=60)
+        self._http: Any = default_http_module().AsyncClient(timeout=60)
 
     async def read(self, size: int) -> Stream:
         body = {"model": stream_model(size), "messages": MESSAGES, "stream": True}

@@ -28,7 +28,7 @@ import openai
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import SimModel
+from moa_stream.testing import SimModel
 
 from ._common import (
     CONNECT_TIMEOUT_S,
@@ -138,7 +138,7 @@ async def run_round(
     result.rss_peak = sampler.peak
     if wrapped:
         result.drained, result.drain_s = await drain(client)
-        result.sink_dropped = sum(stats.dropped for stats in moa_stream.engine_of(client).sink_stats())
+        result.sink_dropped = sum(stats.dropped for stats in moa_stream.sink_stats(client))
     if tally is not None:
         result.events = check_turn_events(tally.keys, turns=result.started, calls_per_turn=calls_per_turn)
         tally.clear()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_stream import Preset
-from moa_stream._sim import SimModel
+from moa_stream.testing import SimModel
 
 from ._common import (
     Config,

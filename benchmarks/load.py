@@ -22,8 +22,7 @@ import anyio
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import SimModel, Simulator, sim_client
 
 FAULTS = ("http_500;after=0", "http_429;after=0", "disconnect;after=3", "malformed;after=2", "stream_error;after=2")
 
@@ -104,7 +103,7 @@ async def run(seconds: float, turns: int, rate: float, round_seconds: float) -> 
         for index in range(turns):
             tasks.start_soon(worker, index)
     await client.close()
-    stats = moa_stream.engine_of(client).sink_stats()
+    stats = moa_stream.sink_stats(client)
     ends = [k for k in counter.per_turn if k.startswith("TurnEnd:")]
     traces = [k for k in counter.per_turn if k.startswith("TurnTrace:")]
     return {

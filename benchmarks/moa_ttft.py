@@ -21,8 +21,7 @@ import anyio
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import SimModel, Simulator, sim_client
 
 MODES = {
     "wait_all": Preset(references=["ref-1", "ref-2", "ref-3"], aggregator="agg", cadence="per_call"),

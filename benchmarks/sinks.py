@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moa_stream._sim import SimModel
+from moa_stream.testing import SimModel
 
 from ._common import Config, Section, SectionResult, cpu_row, has_fast_mode
 from ._streams import Reader, interleaved, sdk_reader, stream_models, streams_per_sample, summarize

@@ -1,16 +1,20 @@
-"""moa_stream: Mixture-of-Agents streaming middleware for OpenAI-compatible chat-completion clients.
+"""moa_stream: Mixture-of-Agents streaming middleware for OpenAI-compatible clients.
 
 `wrap()` an `openai.AsyncOpenAI` and keep using it as before: every chat call is metered at the
-HTTP transport and reported as events and per-turn trace records.
+HTTP transport and reported as events and per-turn trace records, and `model="moa:<name>"` runs a
+Mixture-of-Agents preset. The embedded simulator, a test double for users too, is `moa_stream.testing`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import types as _types
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
-from ._budget import Budget, BudgetExceeded, Limits, load_budget
-from ._config import ConfigError, Preset, SelfMoA, Slot, load_config, self_moa, validate_presets
+from ._budget import Budget, BudgetExceeded, Limits
+from ._config import load_budget, load_config
 from ._dispatch import Sink, SinkStats
+from ._errors import ConfigError
 from ._events import (
     Aggregating,
     BudgetWarning,
@@ -30,13 +34,16 @@ from ._events import (
     event_decoder,
     event_encoder,
 )
-from ._ledger import SessionLedger, SessionState, SessionStateError, Totals
-from ._meter import Engine
+from ._ledger import SessionState, SessionStateError
 from ._moa import MOA_PREFIX
+from ._presets import Preset, SelfMoA, Slot, self_moa, validate_presets
 from ._pricing import ModelPrice, PriceTable
 from ._session import SESSION_HEADER, current_session, sanitize_session_id, session
+from ._sidecar import SessionLedger
+from ._totals import Totals
 from ._traces import read_traces
-from ._wrap import engine_of, flush, session_ledger, session_state, wrap
+from ._version import __version__
+from ._wrap import add_sink, flush, session_ledger, session_state, sink_stats, wrap
 
 __all__ = [
     "Aggregating",
@@ -48,7 +55,6 @@ __all__ = [
     "CallStatus",
     "CallUsage",
     "ConfigError",
-    "Engine",
     "Event",
     "Limits",
     "MOA_PREFIX",
@@ -73,8 +79,9 @@ __all__ = [
     "TurnEnd",
     "TurnTrace",
     "UsageSource",
+    "__version__",
+    "add_sink",
     "current_session",
-    "engine_of",
     "event_decoder",
     "event_encoder",
     "flush",
@@ -86,18 +93,31 @@ __all__ = [
     "session",
     "session_ledger",
     "session_state",
+    "sink_stats",
     "validate_presets",
     "wrap",
 ]
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from ._otel import OTelSink
 
 
-def __getattr__(name: str) -> Any:
+def _public(obj: _Any) -> None:
+    # Tracebacks and reprs name the public module, not the private one a name is defined in.
+    if isinstance(obj, type | _types.FunctionType):
+        obj.__module__ = __name__
+
+
+for _name in __all__:
+    if _name in globals():
+        _public(globals()[_name])
+
+
+def __getattr__(name: str) -> _Any:
     # OTelSink needs the optional `otel` extra: import it only when asked for.
     if name == "OTelSink":
         from ._otel import OTelSink
 
+        _public(OTelSink)
         return OTelSink
     raise AttributeError(f"module 'moa_stream' has no attribute {name!r}")

@@ -4,21 +4,25 @@ Limits apply per session (totals from the ledger, so across restarts with a trac
 per turn (a MoA turn in a tool loop can make dozens of calls). A hard limit refuses a call when the
 amount already spent has reached it, or, for `calls`, when one more call would pass it; calls in
 flight count against `calls`, tokens and cost count once a call has ended.
+
+This module is policy only, over totals it is given: the session store holds the totals and the
+calls in flight, and applies the policy under its own lock when it admits a call.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any, Literal
 
 import msgspec
 import openai
 
-from ._config import ConfigError, check_table_keys, read_toml
+from ._checks import Where, check_table_keys
+from ._errors import ConfigError, error_response
 from ._events import BudgetWarning, CallUsage
-from ._ledger import SessionStore, Totals
+from ._totals import Totals
 
 Scope = Literal["session", "turn"]
 LimitName = Literal["cost_usd", "input_tokens", "output_tokens", "total_tokens", "calls"]
@@ -56,12 +60,6 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True):
     session_soft: Limits = Limits()
     turn_soft: Limits = Limits()
 
-    @property
-    def limits_cost(self) -> bool:
-        return any(
-            limits.cost_usd is not None for limits in (self.session, self.turn, self.session_soft, self.turn_soft)
-        )
-
 
 class BudgetBreach(Exception):
     """A hard limit that refuses the next call (internal; the caller gets `BudgetExceeded`)."""
@@ -87,6 +85,10 @@ class BudgetBreach(Exception):
             f"moa_stream budget exceeded: the {self.scope} limit {self.scope}.{self.limit} is {what} and "
             f"{spent} in session {self.session_id!r}; the call was not sent"
         )
+
+    def response(self, http: ModuleType) -> Any:
+        """The refusal as a 400 that the wrapped client raises as `BudgetExceeded`."""
+        return error_response(http, 400, self.message(), document=self.body(), headers={BUDGET_HEADER: BUDGET_ERROR})
 
     def body(self) -> dict[str, Any]:
         return {
@@ -159,66 +161,76 @@ def budget_from_toml(source: str, table: object) -> Budget:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{source}: 'budget' must be a table with [budget.session] and the like, got {table!r}")
     groups = {"session": Limits, "turn": Limits, "session_soft": Limits, "turn_soft": Limits}
-    check_table_keys(source, "budget", table, groups)
+    check_table_keys(Where(source), "budget", dict(table), groups, required=())
     fields: dict[str, Limits] = {}
     for group, limits in table.items():
         if not isinstance(limits, Mapping):
             raise ConfigError(f"{source}: field 'budget.{group}': expected a table of limits, got {limits!r}")
-        check_table_keys(source, f"budget.{group}", limits, dict.fromkeys(_LIMIT_NAMES))
+        check_table_keys(Where(source), f"budget.{group}", dict(limits), dict.fromkeys(_LIMIT_NAMES), required=())
         fields[group] = Limits(**limits)
     return validate_budget(Budget(**fields), source=f"{source}: [budget]")
 
 
-class BudgetGuard:
-    """Applies a `Budget` to the sessions of one wrapped client."""
+class BudgetPolicy:
+    """A `Budget` applied to totals: which call to refuse, which crossing to warn about."""
 
-    def __init__(self, budget: Budget, store: SessionStore) -> None:
+    def __init__(self, budget: Budget) -> None:
         self.budget = budget
-        self.store = store
+        self.limits_cost = any(
+            limits.cost_usd is not None
+            for limits in (budget.session, budget.turn, budget.session_soft, budget.turn_soft)
+        )
+        self.limits_sessions = bool(budget.session.items())
+        """Session limits need a session's totals: an unreadable sidecar must refuse, not restart from zero."""
 
-    def admit(self, session_id: str, turn: Totals, turn_started: int) -> None:
-        """Reserve one call for the session, or raise `BudgetBreach` if a hard limit refuses it.
-        `turn` is what the turn's ended calls used; `turn_started` counts its calls so far."""
-        with self.store.session(session_id) as found:
-            session = found.ledger.totals
-            self._check("session", self.budget.session, session, session.calls + found.in_flight, session_id)
-            self._check("turn", self.budget.turn, turn, turn_started, session_id)
-            found.in_flight += 1
-
-    @staticmethod
-    def _check(scope: Scope, limits: Limits, totals: Totals, started: int, session_id: str) -> None:
-        for name, threshold in limits.items():
-            used = amount(name, totals, started)
-            # One more call must fit under a calls limit; other amounts are known only afterwards.
-            if used + 1 > threshold if name == "calls" else used >= threshold:
-                raise BudgetBreach(scope=scope, limit=name, threshold=threshold, spent=used, session_id=session_id)
+    def refusal(
+        self, session_id: str, session: Totals, session_started: int, turn: Totals, turn_started: int
+    ) -> BudgetBreach | None:
+        """The hard limit that refuses one more call, if any. `*_started` count the calls started
+        so far (ended and in flight); tokens and cost are those of the ended calls."""
+        return _check("session", self.budget.session, session, session_started, session_id) or _check(
+            "turn", self.budget.turn, turn, turn_started, session_id
+        )
 
     def warnings(
         self,
         usage: CallUsage,
         session: tuple[Totals, Totals],
         turn: tuple[Totals, Totals],
+        *,
+        first_unpriced: bool,
     ) -> list[BudgetWarning]:
-        """The soft limits this call crossed, and a first unpriced call under a cost limit."""
+        """The soft limits this call crossed, and, for the session's first call without a price
+        under a cost limit (`first_unpriced`), a warning that cost limits are not exact."""
         found: list[BudgetWarning] = []
-        with self.store.session(usage.session_id) as state:
-            for scope, limits, (before, after) in (
-                ("session", self.budget.session_soft, session),
-                ("turn", self.budget.turn_soft, turn),
-            ):
-                for name, threshold in limits.items():
-                    # `before` and `after` are consecutive totals of one session or turn, and totals
-                    # only grow: a threshold lies between them for exactly one call.
-                    old, new = amount(name, before, before.calls), amount(name, after, after.calls)
-                    if old < threshold <= new:
-                        found.append(_warning(usage, "soft_limit", scope, name, threshold, new))  # type: ignore[arg-type]
-            unpriced = usage.cost_usd is None and usage.usage_source != "missing"
-            if unpriced and self.budget.limits_cost and not state.warned_cost_unknown:
-                state.warned_cost_unknown = True
-                found.append(
-                    _warning(usage, "cost_unknown", "session", "cost_usd", 0.0, session[1].cost_usd, model=usage.model)
-                )
+        for scope, limits, (before, after) in (
+            ("session", self.budget.session_soft, session),
+            ("turn", self.budget.turn_soft, turn),
+        ):
+            for name, threshold in limits.items():
+                # `before` and `after` are consecutive totals of one session or turn, and totals
+                # only grow: a threshold lies between them for exactly one call.
+                old, new = amount(name, before, before.calls), amount(name, after, after.calls)
+                if old < threshold <= new:
+                    found.append(_warning(usage, "soft_limit", scope, name, threshold, new))  # type: ignore[arg-type]
+        if first_unpriced:
+            found.append(
+                _warning(usage, "cost_unknown", "session", "cost_usd", 0.0, session[1].cost_usd, model=usage.model)
+            )
         return found
+
+    def watches_unpriced(self, usage: CallUsage) -> bool:
+        """Whether `usage` is a call without a price that a cost limit should warn about (once)."""
+        return self.limits_cost and usage.cost_usd is None and usage.usage_source != "missing"
+
+
+def _check(scope: Scope, limits: Limits, totals: Totals, started: int, session_id: str) -> BudgetBreach | None:
+    for name, threshold in limits.items():
+        used = amount(name, totals, started)
+        # One more call must fit under a calls limit; other amounts are known only afterwards.
+        if used + 1 > threshold if name == "calls" else used >= threshold:
+            return BudgetBreach(scope=scope, limit=name, threshold=threshold, spent=used, session_id=session_id)
+    return None
 
 
 def amount(name: LimitName, totals: Totals, calls: int) -> float:
@@ -263,10 +275,3 @@ def _warning(
         spent=spent,
         message=message,
     )
-
-
-def load_budget(path: str | os.PathLike[str]) -> Budget | None:
-    """The `[budget]` table of a moa.toml, validated; None when it has none."""
-    source, document = read_toml(path)
-    table = document.get("budget")
-    return None if table is None else budget_from_toml(source, table)

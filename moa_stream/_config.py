@@ -1,519 +1,59 @@
-"""Mixture-of-Agents presets: what `model="moa:<name>"` runs, validated once when loaded.
+"""`moa.toml`: read once into one typed `Config` (the presets and the budget), validated as it is read.
 
-A preset names reference models (one layer or several) and an aggregator. `validate_presets()` checks
-presets given in Python and `load_config()` reads them from a `moa.toml`; both return normalized copies
-(every slot a `Slot` with a unique label, the reference layers in `layers`) and raise `ConfigError`
-with a one-line message naming the source, the preset, the field and the bad value. Indexes in field
-names count from 0 as in Python and TOML arrays (`layers[1][0]`); layers in prose count from 1.
+Top-level tables are `[presets.<name>]` (slots as model names or inline tables with Slot's fields,
+except `client`; `self_moa` as an inline table with SelfMoA's fields) and `[budget.*]`. Every
+problem raises `ConfigError` naming the file.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
-import reprlib
-import string
 import tomllib
-import types
-from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import msgspec
 
-
-class ConfigError(ValueError):
-    """An invalid preset configuration; the one-line message names the source, preset, field and value."""
-
-
-class Slot(msgspec.Struct, frozen=True, kw_only=True):
-    """One model call in a preset: a reference or the aggregator, with its own request overrides.
-
-    A bare string stands for `Slot(model=<string>)`. The slot goes to the wrapped client unless it
-    names its own `client` (Python only) or its own upstream by `base_url`.
-    """
-
-    model: str
-    """Upstream model name; never `moa:<preset>` (presets do not nest)."""
-    label: str = ""
-    """Name of the slot in events and traces, unique within its preset; "" = the model name, repeats
-    numbered `#2`, `#3`... by validation."""
-    client: Any = None
-    """Python only: an `openai.AsyncOpenAI` to use for this slot instead of the wrapped client."""
-    base_url: str | None = None
-    """An own OpenAI-compatible upstream for this slot (`http://` or `https://`)."""
-    api_key_env: str | None = None
-    """NAME of the environment variable holding the key for `base_url` (never the key itself); read
-    when a call is made. None with a `base_url` = a keyless server."""
-    system: str | None = None
-    """An extra system instruction for this slot (diversity in Self-MoA)."""
-    temperature: float | None = None
-    """Sampling temperature for this slot (None = the caller's)."""
-    max_tokens: int | None = None
-    """Output token limit for this slot (None = the caller's)."""
-    seed: int | None = None
-    """Sampling seed for this slot (None = the caller's)."""
-    extra: dict[str, Any] = {}
-    """Extra request-body parameters for this slot; `model`, `messages` and `stream` are not allowed."""
-
-
-class SelfMoA(msgspec.Struct, frozen=True, kw_only=True):
-    """Self-MoA shorthand (arXiv:2502.00674): one layer of `n` samples of one model.
-
-    The samples differ by seed (1..n unless `seeds` is given) and optionally by temperature and system
-    instruction; their labels are `<model>#1`...`<model>#n`.
-    """
-
-    model: str
-    """The model to sample."""
-    n: int
-    """Number of samples (>= 1)."""
-    temperatures: list[float] = []
-    """One temperature per sample, or empty for the caller's."""
-    seeds: list[int] = []
-    """One seed per sample, or empty for seeds 1..n (so the samples differ)."""
-    systems: list[str] = []
-    """One extra system instruction per sample, or empty for none."""
-
-
-class Preset(msgspec.Struct, frozen=True, kw_only=True):
-    """A Mixture-of-Agents preset: reference layers, an aggregator, and how a turn waits, degrades and caches.
-
-    Give exactly one of `references` (one layer), `layers` (several) or `self_moa`, and an
-    `aggregator`. Only a preset returned by `validate_presets()` or `load_config()` is ready for use:
-    there `layers` holds every reference slot as a labelled `Slot` and `aggregator` is a `Slot`.
-    """
-
-    # Sequence rather than list so that `references=self_moa(...)` (a list[Slot]) type-checks;
-    # validation stores lists.
-    references: Sequence[Slot | str] = []
-    """A single layer of reference slots (a string is `Slot(model=<string>)`)."""
-    layers: Sequence[Sequence[Slot | str]] = []
-    """Several layers of reference slots; each layer sees the answers of the one before."""
-    self_moa: SelfMoA | None = None
-    """The Self-MoA shorthand for one layer of samples of one model."""
-    aggregator: Slot | str | None = None
-    """The model that synthesizes the last layer's answers into the reply the caller sees (required)."""
-    quorum: int | None = None
-    """References of a layer that must succeed before the next step may start; None = all of them."""
-    grace: float = 0.0
-    """Seconds to wait for the remaining references once the quorum succeeded (>= 0)."""
-    reference_timeout: float = 60.0
-    """Deadline of each reference call in seconds (> 0)."""
-    on_all_failed: Literal["aggregator_alone", "error"] = "aggregator_alone"
-    """When every reference of a layer failed: answer with the aggregator alone, or fail the turn."""
-    aggregator_retries: int = 2
-    """Further attempts the turn makes for its aggregator request after a 408/409/429/5xx or a
-    dropped or timed-out exchange (not a refused connection), before any byte reaches the caller.
-    The turn's own answers are never retried by the caller's SDK, so references never run twice."""
-    placement: Literal["system", "user"] = "system"
-    """Where the reference block goes: appended to the system message, or as a trailing user message
-    (keeps the provider's prefix cache intact)."""
-    template: str | None = None
-    """Own text of the reference block, a `str.format` string with one placeholder, `{references}`
-    (literal braces doubled). None = the built-in text."""
-    silent_degradation: bool = False
-    """True: do not tell the aggregator that some references are missing."""
-    cadence: Literal["per_user_turn", "per_call", "every_n"] = "per_user_turn"
-    """When references run in an agent loop: once per user turn, on every call, or every `every_n` calls;
-    in between the aggregator gets the cached reference block."""
-    every_n: int = 2
-    """The interval for cadence `every_n` (>= 1)."""
-    usage: Literal["turn", "aggregator"] = "turn"
-    """What the caller's final usage chunk reports: the whole turn, or the aggregator call alone."""
-    tool_result_chars: int = 2000
-    """Tool results in the references' text-only view are truncated to this many characters (>= 100)."""
-    cache_entries: int = 256
-    """Bound on the cadence cache's entries (>= 1)."""
-    cache_ttl_s: float = 3600.0
-    """Maximum age of a cadence cache entry in seconds (> 0)."""
-
-    def reference_layers(self) -> list[list[Slot]]:
-        """The reference layers as labelled Slots; only on a preset from `validate_presets()`/`load_config()`."""
-        layers = [[slot for slot in layer if isinstance(slot, Slot) and slot.label] for layer in self.layers]
-        normalized = (
-            not self.references
-            and self.self_moa is None
-            and bool(layers)
-            and all(len(ours) == len(theirs) for ours, theirs in zip(layers, self.layers, strict=True))
-        )
-        if not normalized:
-            raise ConfigError(_NOT_VALIDATED)
-        return layers
-
-    def aggregator_slot(self) -> Slot:
-        """The aggregator as a labelled Slot; only on a preset from `validate_presets()`/`load_config()`."""
-        if not (isinstance(self.aggregator, Slot) and self.aggregator.label):
-            raise ConfigError(_NOT_VALIDATED)
-        return self.aggregator
-
-
-_NOT_VALIDATED = "preset is not validated: pass it through validate_presets() or load_config() first"
-_PRESET_NAME = re.compile(r"[A-Za-z0-9._-]+")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# The middleware sets these itself; a slot overriding them would break the turn.
-_RESERVED_EXTRA = ("messages", "model", "stream")
-_SLOT_LISTS = ("references", "layers", "self_moa")
-
-_SLOT_TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Slot)}
-_SELF_MOA_TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(SelfMoA)}
-_PRESET_TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Preset)}
-
-# Bad values can be whole templates or objects; keep messages on one readable line.
-_short = reprlib.Repr()
-_short.maxstring = 80
-_short.maxother = 80
-
-
-def _show(value: object) -> str:
-    return _short.repr(value)
-
-
-class _Scope:
-    """Where an error is: the source, and the preset once known."""
-
-    def __init__(self, source: str, preset: str | None = None) -> None:
-        self.source = source
-        self.preset = preset
-
-    def error(self, field: str | None, problem: str) -> ConfigError:
-        parts = [self.source]
-        if self.preset is not None:
-            parts.append(f"preset {self.preset!r}")
-        if field is not None:
-            parts.append(f"field {field!r}")
-        parts.append(problem)
-        return ConfigError(" ".join(": ".join(parts).splitlines()))
-
-
-_NOUNS: dict[Any, tuple[str, str]] = {
-    int: ("an integer", "integers"),
-    float: ("a number", "numbers"),
-    str: ("a string", "strings"),
-    bool: ("true or false", "booleans"),
-}
-
-
-def _describe(tp: Any) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(arg) for arg in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in args)
-    if tp is type(None):
-        return "None"
-    if origin is list:
-        return f"a list of {_NOUNS[args[0]][1]}"
-    if origin is dict:
-        return "a table of request parameters"
-    return _NOUNS[tp][0]
-
-
-def _typed(scope: _Scope, field: str, value: object, tp: Any) -> Any:
-    # msgspec's strict conversion is the type check: no bool for int, no str for numbers; ints become
-    # floats where a float is expected, tuples become lists.
-    try:
-        return msgspec.convert(value, tp)
-    except msgspec.ValidationError:
-        raise scope.error(field, f"expected {_describe(tp)}, got {_show(value)}") from None
-
-
-def _unknown_key(key: str, valid: Iterable[str]) -> str:
-    valid = sorted(valid)
-    close = difflib.get_close_matches(key, valid, n=1)
-    if close:
-        return f"unknown key; did you mean {close[0]!r}?"
-    return "unknown key; valid keys: " + ", ".join(valid)
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def _check_name(source: str, name: object) -> str:
-    if not isinstance(name, str) or not _PRESET_NAME.fullmatch(name):
-        raise ConfigError(f"{source}: preset {_show(name)}: invalid preset name; use letters, digits, '.', '_' and '-'")
-    return name
-
-
-def _check_model(scope: _Scope, field: str, model: str) -> None:
-    if not model.strip():
-        raise scope.error(field, f"empty model name {model!r}")
-    if model.lower().startswith("moa:"):
-        raise scope.error(field, f"{model!r} names a preset; a preset's slots must be upstream models")
-
-
-def _check_slot(scope: _Scope, field: str, value: object) -> Slot:
-    if isinstance(value, str):
-        value = Slot(model=value)
-    elif not isinstance(value, Slot):
-        raise scope.error(field, f"expected a model name or a Slot, got {_show(value)}")
-    changes = {
-        name: _typed(scope, f"{field}.{name}", getattr(value, name), tp)
-        for name, tp in _SLOT_TYPES.items()
-        if name != "client"
-    }
-    slot: Slot = msgspec.structs.replace(value, **changes)
-    _check_model(scope, f"{field}.model", slot.model)
-    if slot.label and not slot.label.strip():
-        raise scope.error(f"{field}.label", f"blank label {slot.label!r}")
-    if slot.base_url is not None:
-        if slot.client is not None:
-            raise scope.error(f"{field}.base_url", f"{slot.base_url!r} is given together with client; give one")
-        if not slot.base_url.startswith(("http://", "https://")):
-            raise scope.error(f"{field}.base_url", f"{_show(slot.base_url)} is not an http:// or https:// URL")
-    if slot.api_key_env is not None:
-        if not _ENV_NAME.fullmatch(slot.api_key_env):
-            # It may be the key itself, so it stays out of the message (and out of logs).
-            raise scope.error(
-                f"{field}.api_key_env",
-                "must be the NAME of an environment variable (letters, digits, '_'), not the key; value not shown",
-            )
-        if slot.base_url is None:
-            raise scope.error(
-                f"{field}.api_key_env",
-                f"{slot.api_key_env!r} is given without base_url; the key is for an own upstream",
-            )
-    if slot.temperature is not None and not slot.temperature >= 0:
-        raise scope.error(f"{field}.temperature", f"must be >= 0, got {slot.temperature!r}")
-    if slot.max_tokens is not None and slot.max_tokens < 1:
-        raise scope.error(f"{field}.max_tokens", f"must be >= 1, got {slot.max_tokens!r}")
-    for key in _RESERVED_EXTRA:
-        if key in slot.extra:
-            raise scope.error(f"{field}.extra", f"key {key!r} is set by moa_stream and cannot be overridden")
-    return slot
-
-
-def _slot_list(scope: _Scope, field: str, value: object) -> list[Slot]:
-    if not isinstance(value, list | tuple):
-        raise scope.error(field, f"expected a list of model names or Slots, got {_show(value)}")
-    return [_check_slot(scope, f"{field}[{i}]", item) for i, item in enumerate(value)]
-
-
-def _is_given(value: object) -> bool:
-    return value is not None and not (isinstance(value, list | tuple) and len(value) == 0)
-
-
-def _check_self_moa(scope: _Scope, value: object) -> list[Slot]:
-    if not isinstance(value, SelfMoA):
-        raise scope.error("self_moa", f"expected a SelfMoA (a table with model and n), got {_show(value)}")
-    fields = {name: _typed(scope, f"self_moa.{name}", getattr(value, name), tp) for name, tp in _SELF_MOA_TYPES.items()}
-    _check_model(scope, "self_moa.model", fields["model"])
-    n: int = fields["n"]
-    if n < 1:
-        raise scope.error("self_moa.n", f"must be >= 1, got {n!r}")
-    for name in ("temperatures", "seeds", "systems"):
-        if fields[name] and len(fields[name]) != n:
-            raise scope.error(f"self_moa.{name}", f"has {_plural(len(fields[name]), 'value')} but n is {n}")
-    slots = self_moa(
-        fields["model"], n, temperatures=fields["temperatures"], seeds=fields["seeds"], systems=fields["systems"]
-    )
-    return [_check_slot(scope, f"self_moa[{i}]", slot) for i, slot in enumerate(slots)]
-
-
-def _reference_layers(scope: _Scope, preset: Preset) -> list[list[tuple[str, Slot]]]:
-    """The reference slots by layer, each with the field name that errors about it use."""
-    given = [name for name in _SLOT_LISTS if _is_given(getattr(preset, name))]
-    if len(given) > 1:
-        raise scope.error(
-            given[1], f"cannot be combined with {given[0]!r}; give exactly one of 'references', 'layers' or 'self_moa'"
-        )
-    if not given:
-        raise scope.error("references", "is empty; give reference models in 'references', 'layers' or 'self_moa'")
-    if given[0] == "references":
-        slots = _slot_list(scope, "references", preset.references)
-        return [[(f"references[{i}]", slot) for i, slot in enumerate(slots)]]
-    if given[0] == "self_moa":
-        slots = _check_self_moa(scope, preset.self_moa)
-        return [[(f"self_moa[{i}]", slot) for i, slot in enumerate(slots)]]
-    if not isinstance(preset.layers, list | tuple):
-        raise scope.error(
-            "layers", f"expected a list of layers (lists of model names or Slots), got {_show(preset.layers)}"
-        )
-    layers: list[list[tuple[str, Slot]]] = []
-    for i, layer in enumerate(preset.layers):
-        field = f"layers[{i}]"
-        if not isinstance(layer, list | tuple):
-            raise scope.error(
-                field,
-                f"expected a layer (a list of model names or Slots), got {_show(layer)}; one layer goes in references",
-            )
-        if not layer:
-            raise scope.error(field, "empty layer; every layer needs at least one reference model")
-        layers.append([(f"{field}[{j}]", _check_slot(scope, f"{field}[{j}]", item)) for j, item in enumerate(layer)])
-    return layers
-
-
-def _label_slots(scope: _Scope, slots: list[tuple[str, Slot]]) -> list[Slot]:
-    """Fill in empty labels (model, model#2, ...) around the explicit ones, which must be unique."""
-    owner: dict[str, str] = {}
-    for field, slot in slots:
-        if slot.label in owner:
-            raise scope.error(
-                f"{field}.label", f"duplicate label {slot.label!r} (also the label of {owner[slot.label]})"
-            )
-        if slot.label:
-            owner[slot.label] = field
-    seen: dict[str, int] = {}
-    labelled: list[Slot] = []
-    for _, slot in slots:
-        if not slot.label:
-            count = seen.get(slot.model, 0)
-            while True:
-                count += 1
-                label = slot.model if count == 1 else f"{slot.model}#{count}"
-                if label not in owner:
-                    break
-            seen[slot.model] = count
-            owner[label] = slot.model
-            slot = msgspec.structs.replace(slot, label=label)
-        labelled.append(slot)
-    return labelled
-
-
-def _check_scalars(scope: _Scope, preset: Preset, layers: list[list[tuple[str, Slot]]]) -> dict[str, Any]:
-    values = {
-        name: _typed(scope, name, getattr(preset, name), tp)
-        for name, tp in _PRESET_TYPES.items()
-        if name not in (*_SLOT_LISTS, "aggregator")
-    }
-    quorum: int | None = values["quorum"]
-    if quorum is not None:
-        if quorum < 1:
-            raise scope.error("quorum", f"{quorum} is less than 1; None waits for every reference")
-        for i, layer in enumerate(layers, start=1):
-            if quorum > len(layer):
-                raise scope.error(
-                    "quorum", f"{quorum} is larger than the {_plural(len(layer), 'reference')} of layer {i}"
-                )
-    # `not x >= 0` rather than `x < 0` so that NaN is refused too.
-    if not values["grace"] >= 0:
-        raise scope.error("grace", f"must be >= 0, got {values['grace']!r}")
-    for name in ("reference_timeout", "cache_ttl_s"):
-        if not values[name] > 0:
-            raise scope.error(name, f"must be > 0, got {values[name]!r}")
-    for name, least in (("every_n", 1), ("tool_result_chars", 100), ("cache_entries", 1), ("aggregator_retries", 0)):
-        if values[name] < least:
-            raise scope.error(name, f"must be >= {least}, got {values[name]!r}")
-    if values["template"] is not None:
-        _check_template(scope, values["template"])
-    return values
-
-
-def _check_template(scope: _Scope, template: str) -> None:
-    # The reference block is rendered with str.format, so any other brace would fail mid-turn; it
-    # is caught here instead.
-    braces = "write literal braces as '{{' and '}}'"
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        if "references" not in names:
-            raise scope.error("template", f"{_show(template)} has no '{{references}}' placeholder")
-        others = sorted(names - {"references"})
-        if others:
-            raise scope.error("template", f"{_show(template)} has placeholder {{{others[0]}}}; {braces}")
-        template.format(references="")
-    except (ValueError, IndexError, KeyError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise scope.error("template", f"{_show(template)} is not a valid format string ({exc}); {braces}") from None
-
-
-def _check_preset(scope: _Scope, preset: object) -> Preset:
-    if not isinstance(preset, Preset):
-        raise scope.error(None, f"expected a Preset, got {_show(preset)}")
-    layers = _reference_layers(scope, preset)
-    if preset.aggregator is None:
-        raise scope.error("aggregator", "missing; every preset needs an aggregator model")
-    aggregator = ("aggregator", _check_slot(scope, "aggregator", preset.aggregator))
-    values = _check_scalars(scope, preset, layers)
-    # The aggregator is labelled last so that references keep the plain model names.
-    labelled = _label_slots(scope, [*(entry for layer in layers for entry in layer), aggregator])
-    normalized: list[list[Slot | str]] = []
-    for layer in layers:
-        normalized.append(list(labelled[: len(layer)]))
-        labelled = labelled[len(layer) :]
-    return msgspec.structs.replace(
-        preset, references=[], layers=normalized, self_moa=None, aggregator=labelled[0], **values
-    )
-
-
-def self_moa(
-    model: str,
-    n: int,
-    *,
-    temperatures: Sequence[float] = (),
-    seeds: Sequence[int] = (),
-    systems: Sequence[str] = (),
-    **slot_fields: Any,
-) -> list[Slot]:
-    """Self-MoA (arXiv:2502.00674) shorthand: n slots of one model that differ by seed/temperature/system.
-
-    Labels are `<model>#1`...`<model>#n` (`<label>#i` when `label=` is given); seeds default to 1..n.
-    Other keyword arguments are Slot fields shared by every sample, e.g. `base_url` or `temperature`.
-    """
-    scope = _Scope("self_moa()")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise scope.error("n", f"must be an integer >= 1, got {_show(n)}")
-    per_sample: dict[str, list[Any]] = {"temperature": list(temperatures), "seed": list(seeds), "system": list(systems)}
-    for single, values in per_sample.items():
-        if values and len(values) != n:
-            raise scope.error(f"{single}s", f"has {_plural(len(values), 'value')} but n is {n}")
-        if values and single in slot_fields:
-            raise scope.error(single, f"is given together with {single}s; give one")
-    for key in slot_fields:
-        if key not in _SLOT_TYPES or key == "model":
-            raise scope.error(key, _unknown_key(key, set(_SLOT_TYPES) - {"model"}))
-    base = slot_fields.pop("label", "") or model
-    if not per_sample["seed"] and "seed" not in slot_fields:
-        per_sample["seed"] = list(range(1, n + 1))
-    return [
-        Slot(
-            model=model,
-            label=f"{base}#{i + 1}",
-            **slot_fields,
-            **{name: values[i] for name, values in per_sample.items() if values},
-        )
-        for i in range(n)
-    ]
-
-
-def validate_presets(presets: Mapping[str, Preset], *, source: str = "presets=") -> dict[str, Preset]:
-    """Validate every preset and return normalized copies.
-
-    In the copies `layers` holds the reference layers (from `references`, `layers` or `self_moa`),
-    `references` and `self_moa` are empty, every slot is a `Slot` with a label unique within its preset,
-    and the aggregator is a `Slot`. The first problem found raises `ConfigError` naming `source`.
-    """
-    if not isinstance(presets, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of preset names to Presets, got {_show(presets)}")
-    return {_check_name(source, name): _check_preset(_Scope(source, name), preset) for name, preset in presets.items()}
-
-
-def check_key_variables(presets: Mapping[str, Preset], *, source: str) -> None:
-    """Refuse validated presets whose slots name an `api_key_env` that is not set now, so that a
-    missing key is found when the client is wrapped, not by the first call (`ConfigError`)."""
-    for name, preset in presets.items():
-        for slot in [*(slot for layer in preset.reference_layers() for slot in layer), preset.aggregator_slot()]:
-            if slot.api_key_env is not None and slot.api_key_env not in os.environ:
-                raise ConfigError(
-                    f"{source}: preset {name!r}: slot {slot.label!r}: api_key_env: "
-                    f"environment variable {slot.api_key_env} is not set (it holds the key for {slot.base_url})"
-                )
+from ._budget import Budget, budget_from_toml
+from ._checks import Where, check_table_keys, show, unknown_key
+from ._errors import ConfigError
+from ._presets import _PRESET_TYPES, _SELF_MOA_TYPES, _SLOT_TYPES, Preset, SelfMoA, Slot, check_name, validate_presets
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """What a moa.toml holds, validated."""
+
+    source: str
+    """The file's path, as errors name it."""
+    presets: dict[str, Preset]
+    """Normalized presets by name (see `validate_presets`)."""
+    budget: Budget | None = None
+    """The `[budget]` tables, when there are any."""
+
+
+def read_config(path: str | os.PathLike[str]) -> Config:
+    """Read a moa.toml once: its presets and its budget, validated."""
+    source, document = _read_toml(path)
+    presets = validate_presets(_presets_from_toml(source, document), source=source)
+    table = document.get("budget")
+    return Config(source=source, presets=presets, budget=None if table is None else budget_from_toml(source, table))
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Preset]:
-    """Read a moa.toml (`[presets.<name>]` tables), validate it and return the normalized presets.
+    """The presets of a moa.toml (`[presets.<name>]` tables), validated and normalized.
 
     Slots are model names or inline tables with Slot's fields (except `client`); `self_moa` is an
     inline table with SelfMoA's fields. Every problem raises `ConfigError` naming the file.
     """
-    source, document = read_toml(path)
-    return validate_presets(_presets_from_toml(source, document), source=source)
+    return read_config(path).presets
 
 
-def read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
-    """A moa.toml's name and parsed content; its top-level keys are `presets` and `budget`."""
+def load_budget(path: str | os.PathLike[str]) -> Budget | None:
+    """The `[budget]` table of a moa.toml, validated; None when it has none."""
+    return read_config(path).budget
+
+
+def _read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     source = os.fspath(path)
     try:
         data = Path(path).read_bytes()
@@ -529,38 +69,33 @@ def read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     for key in document:
         if key not in _TOP_LEVEL:
-            raise ConfigError(f"{source}: top-level key {key!r}: {_unknown_key(key, _TOP_LEVEL)}")
+            raise ConfigError(f"{source}: top-level key {key!r}: {unknown_key(key, _TOP_LEVEL)}")
     return source, document
 
 
 _TOP_LEVEL = ("presets", "budget")
 
 
-def check_table_keys(source: str, field: str, table: Mapping[str, Any], valid: Mapping[str, Any]) -> None:
-    """Refuse keys of a TOML table that are not in `valid`, suggesting the closest."""
-    _check_table_keys(_Scope(source), field, dict(table), valid, required=())
-
-
 def _presets_from_toml(source: str, document: dict[str, Any]) -> dict[str, Preset]:
     tables = document.get("presets", {})
     if not isinstance(tables, dict):
-        raise ConfigError(f"{source}: 'presets' must be a table of [presets.<name>] tables, got {_show(tables)}")
+        raise ConfigError(f"{source}: 'presets' must be a table of [presets.<name>] tables, got {show(tables)}")
     presets: dict[str, Preset] = {}
     for name, table in tables.items():
-        scope = _Scope(source, _check_name(source, name))
+        scope = Where(source, check_name(source, name))
         if not isinstance(table, dict):
-            raise scope.error(None, f"expected a [presets.{name}] table, got {_show(table)}")
+            raise scope.error(None, f"expected a [presets.{name}] table, got {show(table)}")
         presets[name] = _preset_from_table(scope, table)
     return presets
 
 
-def _preset_from_table(scope: _Scope, table: dict[str, Any]) -> Preset:
+def _preset_from_table(scope: Where, table: dict[str, Any]) -> Preset:
     # Only the shape is converted here (tables to Structs); types and values are checked by
     # validate_presets, the same way as for presets given in Python.
     fields: dict[str, Any] = {}
     for key, value in table.items():
         if key not in _PRESET_TYPES:
-            raise scope.error(key, _unknown_key(key, _PRESET_TYPES))
+            raise scope.error(key, unknown_key(key, _PRESET_TYPES))
         if key == "references" and isinstance(value, list):
             value = [_slot_from_toml(scope, f"references[{i}]", item) for i, item in enumerate(value)]
         elif key == "layers" and isinstance(value, list):
@@ -573,29 +108,18 @@ def _preset_from_table(scope: _Scope, table: dict[str, Any]) -> Preset:
         elif key == "aggregator":
             value = _slot_from_toml(scope, "aggregator", value)
         elif key == "self_moa" and isinstance(value, dict):
-            _check_table_keys(scope, "self_moa", value, _SELF_MOA_TYPES, required=("model", "n"))
+            check_table_keys(scope, "self_moa", value, _SELF_MOA_TYPES, required=("model", "n"))
             value = SelfMoA(**value)
         fields[key] = value
     return Preset(**fields)
 
 
-def _slot_from_toml(scope: _Scope, field: str, value: object) -> object:
+def _slot_from_toml(scope: Where, field: str, value: object) -> object:
     if not isinstance(value, dict):
         return value
     if "client" in value:
         raise scope.error(
             f"{field}.client", "a client object can only be given in Python; use base_url and api_key_env"
         )
-    _check_table_keys(scope, field, value, _SLOT_TYPES, required=("model",))
+    check_table_keys(scope, field, value, _SLOT_TYPES, required=("model",))
     return Slot(**value)
-
-
-def _check_table_keys(
-    scope: _Scope, field: str, table: dict[str, Any], valid: Mapping[str, Any], *, required: tuple[str, ...]
-) -> None:
-    for key in table:
-        if key not in valid:
-            raise scope.error(f"{field}.{key}", _unknown_key(key, set(valid) - {"client"}))
-    for key in required:
-        if key not in table:
-            raise scope.error(f"{field}.{key}", "missing")

@@ -56,6 +56,18 @@ class SinkStats(msgspec.Struct, frozen=True, kw_only=True):
     """Events dropped because the sink's buffer was full."""
 
 
+class Notice(msgspec.Struct, frozen=True, kw_only=True):
+    """An internal message for one sink (see `Dispatcher.offer_to`), never an event for the others."""
+
+
+Item = Event | Notice
+"""What travels to a sink: an event, or a notice meant for it alone."""
+
+AnySink = Callable[[Any], object]
+"""A sink as the dispatcher holds it: user sinks take events, internal ones notices as well (the
+`event_types` of a sink say what it is given)."""
+
+
 class _Marker:
     """Travels through a sink's buffer behind the events before it: set once they are handled."""
 
@@ -66,23 +78,23 @@ class _Marker:
 
 
 class _SinkRunner:
-    def __init__(self, sink: Sink, name: str, buffer: int) -> None:
+    def __init__(self, sink: AnySink, name: str, buffer: int) -> None:
         self.sink = sink
         self.name = name
         self.is_async = inspect.iscoroutinefunction(sink) or inspect.iscoroutinefunction(type(sink).__call__)
-        self.send: MemoryObjectSendStream[Event | _Marker]
-        self.receive: MemoryObjectReceiveStream[Event | _Marker]
+        self.send: MemoryObjectSendStream[Item | _Marker]
+        self.receive: MemoryObjectReceiveStream[Item | _Marker]
         self.send, self.receive = anyio.create_memory_object_stream(buffer)
         self.delivered = 0
         self.failed = 0
         self.dropped = 0
         self.accepted = 0
-        self.event_types: tuple[type[Event], ...] | None = getattr(sink, "event_types", None)
+        self.event_types: tuple[type[Item], ...] | None = getattr(sink, "event_types", None)
 
-    def takes(self, event: Event) -> bool:
+    def takes(self, event: Item) -> bool:
         return self.event_types is None or isinstance(event, self.event_types)
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Item) -> None:
         if not self.takes(event):
             return
         try:
@@ -129,7 +141,7 @@ class _SinkRunner:
             except Exception:
                 logger.exception("moa_stream sink %s failed to close", self.name)
 
-    async def _deliver(self, events: list[Event]) -> None:
+    async def _deliver(self, events: list[Item]) -> None:
         write_batch = getattr(self.sink, "write_batch", None)
         if write_batch is not None:
             try:
@@ -141,7 +153,7 @@ class _SinkRunner:
         elif self.is_async:
             for event in events:
                 try:
-                    await self.sink(event)  # type: ignore[misc]
+                    await self.sink(event)  # type: ignore[misc]  # an async sink: its call is awaitable
                 except Exception:
                     self._failed(1)
                 else:
@@ -153,7 +165,7 @@ class _SinkRunner:
             if failed:
                 self._failed(failed)
 
-    def _call_each(self, events: list[Event]) -> tuple[int, int]:
+    def _call_each(self, events: list[Item]) -> tuple[int, int]:
         delivered = failed = 0
         for event in events:
             try:
@@ -195,7 +207,7 @@ class Dispatcher:
 
     # -- caller side (any thread) ---------------------------------------------------------------
 
-    def add_sink(self, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:
+    def add_sink(self, sink: AnySink, *, name: str | None = None, buffer: int | None = None) -> None:
         if not callable(sink):
             raise TypeError(f"a sink must be callable, got {type(sink).__name__}")
         if buffer is not None and buffer < 1:
@@ -236,8 +248,8 @@ class Dispatcher:
             self._warned_late = True
             logger.warning("moa_stream: an event arrived after the client was closed; it is counted as dropped")
 
-    def offer_to(self, name: str, item: Any) -> None:
-        """Hand `item` to the sink called `name` alone, without waiting (for internal notices)."""
+    def offer_to(self, name: str, item: Notice) -> None:
+        """Hand a notice to the sink called `name` alone, without waiting."""
         loop = self._loop
         runner = next((r for r in self._runners if r.name == name), None)
         if loop is None or runner is None or self._closed:

@@ -1,11 +1,11 @@
-"""Session ledger and session state: running totals per session and users' own key-value state,
-kept in memory and, with a trace directory, in a sidecar `<trace_dir>/<session_id>.state.json`.
+"""The session store: running totals per session (the ledger), users' own key-value state, and the
+calls each session has in flight, in memory and, with a trace directory, in sidecar files.
 
-Totals are updated synchronously from each `CallUsage` and `TurnEnd` as it is emitted, so budget
-checks see them at once. Sidecars are written off the caller's path by one sink (so writes are
-serialized): the latest snapshot of each touched session goes to a unique temporary file, is
-flushed and fsynced, then renamed over the old one. A crash leaves the old file or the new one,
-never a mix; an older snapshot never replaces a newer one (snapshots carry a version).
+The store owns its records: every change goes through its methods, under its lock. Totals are
+updated synchronously as each call ends, so budget checks see them at once; a call is admitted (and
+counted in flight) under the same lock that its budget check reads the totals with. Sidecars are
+read when a session is first used (off the caller's event loop, see `Engine.open_session`) and
+written by the sidecar sink (`_sidecar.SidecarWriter`).
 """
 
 from __future__ import annotations
@@ -14,85 +14,43 @@ import contextlib
 import itertools
 import logging
 import math
-import os
-import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import anyio
 import msgspec
 
-from ._events import CallUsage, Event, TurnEnd
+from ._budget import BudgetBreach
+from ._errors import error_response
+from ._events import CallUsage, TurnEnd
 from ._session import current_session, sanitize_session_id
+from ._sidecar import SIDECAR_SUFFIX, SessionLedger, SidecarProblem, Snapshot, read_sidecar
+from ._totals import Totals
 
 logger = logging.getLogger("moa_stream")
 
-SIDECAR_SUFFIX = ".state.json"
-_FORMAT = 1
+DEFAULT_MAX_SESSIONS = 10_000
+"""Sessions kept in memory; beyond that, idle ones whose sidecar is up to date are let go (and read
+again when they come back). Without a trace directory every session stays in memory."""
+_EVICTION_SCAN = 64
+
+Admission = Callable[[Totals, int], BudgetBreach | None]
+"""Given a session's totals and the calls it has started (ended and in flight), the limit that
+refuses one more call, or None."""
 
 
 class SessionStateError(ValueError):
     """A session's sidecar file cannot be used; the file is left as it is."""
 
-
-class Totals(msgspec.Struct, frozen=True, kw_only=True):
-    """Usage summed over calls. `cost_usd` is a lower bound when `unpriced_calls` > 0."""
-
-    calls: int = 0
-    failed_calls: int = 0
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: float = 0.0
-    unpriced_calls: int = 0
-    """Calls whose price was unknown (their cost is not in `cost_usd`)."""
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    @property
-    def cost_complete(self) -> bool:
-        return self.unpriced_calls == 0
-
-    def plus(self, usage: CallUsage) -> Totals:
-        return Totals(
-            calls=self.calls + 1,
-            failed_calls=self.failed_calls + (usage.status == "error"),
-            input_tokens=self.input_tokens + (usage.input_tokens or 0),
-            cached_input_tokens=self.cached_input_tokens + (usage.cached_input_tokens or 0),
-            output_tokens=self.output_tokens + (usage.output_tokens or 0),
-            reasoning_tokens=self.reasoning_tokens + (usage.reasoning_tokens or 0),
-            cost_usd=self.cost_usd + (usage.cost_usd or 0.0),
-            unpriced_calls=self.unpriced_calls + (usage.cost_usd is None and usage.usage_source != "missing"),
-        )
-
-
-class SessionLedger(msgspec.Struct, frozen=True, kw_only=True):
-    """What one session has used, across process restarts when there is a trace directory."""
-
-    session_id: str
-    turns: int = 0
-    totals: Totals = Totals()
-    by_model: dict[str, Totals] = {}
-    """Per model, as the responses named it."""
-    by_role: dict[str, Totals] = {}
-    """Per role: `direct`, `reference`, `aggregator`."""
-
-
-class _Sidecar(msgspec.Struct, kw_only=True):
-    format: int = _FORMAT
-    version: int = 0
-    ledger: SessionLedger
-    state: dict[str, Any] = {}
+    def response(self, http: ModuleType) -> Any:
+        """The error a call of this session gets: a 500 that names the file."""
+        return error_response(http, 500, str(self), code="session_state_error")
 
 
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(_Sidecar)
 _state_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -120,7 +78,7 @@ def check_json(value: object, where: str) -> None:
 
 
 class _Session:
-    __slots__ = ("in_flight", "ledger", "persist", "state", "version", "warned_cost_unknown", "written")
+    __slots__ = ("in_flight", "ledger", "persist", "state", "version", "warned", "written")
 
     def __init__(self, ledger: SessionLedger, state: dict[str, Any], version: int, *, persist: bool) -> None:
         self.ledger = ledger
@@ -130,18 +88,12 @@ class _Session:
         """The version the sidecar holds."""
         self.persist = persist
         self.in_flight = 0
-        """Calls started and not ended yet (budgets count them against a calls limit)."""
-        self.warned_cost_unknown = False
-
-
-DEFAULT_MAX_SESSIONS = 10_000
-"""Sessions kept in memory; beyond that, idle ones whose sidecar is up to date are let go (and read
-again when they come back). Without a trace directory every session stays in memory."""
-_EVICTION_SCAN = 64
+        """Calls admitted and not ended yet."""
+        self.warned: set[str] = set()
 
 
 class SessionStore:
-    """The sessions of one wrapped client: ledgers, state, and their sidecar files."""
+    """The sessions of one wrapped client: ledgers, state, calls in flight, and their sidecar files."""
 
     def __init__(
         self, directory: Path | None, *, fail_on_corrupt: bool = False, max_sessions: int = DEFAULT_MAX_SESSIONS
@@ -153,27 +105,123 @@ class SessionStore:
         self.max_sessions = max_sessions
         self._lock = threading.RLock()
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._notify: Any = None
-
-    # -- reading and updating (any thread) -----------------------------------------------------
+        self._on_change: Callable[[str], None] | None = None
 
     def path_for(self, session_id: str) -> Path | None:
         if self.directory is None:
             return None
         return self.directory / f"{sanitize_session_id(session_id)}{SIDECAR_SUFFIX}"
 
+    # -- calls and turns -------------------------------------------------------------------------
+
+    def admit(self, session_id: str, refusal: Admission | None = None) -> None:
+        """Count one more call in flight for the session, unless `refusal` (a budget's check of its
+        totals) names a limit, which is raised and nothing is counted. Each admitted call is
+        released exactly once, by `record` of its usage."""
+        with self._session(session_id) as found:
+            if refusal is not None:
+                breach = refusal(found.ledger.totals, found.ledger.totals.calls + found.in_flight)
+                if breach is not None:
+                    raise breach
+            found.in_flight += 1
+
+    def record(self, event: CallUsage | TurnEnd) -> tuple[Totals, Totals] | None:
+        """Add a call's usage (releasing its admission) or a turn to its session; for a call, the
+        session's totals before and after. Never raises: it runs as calls end."""
+        try:
+            with self._session(event.session_id) as found:
+                ledger = found.ledger
+                found.version += 1
+                if isinstance(event, TurnEnd):
+                    found.ledger = msgspec.structs.replace(ledger, turns=ledger.turns + 1)
+                    return None
+                found.in_flight -= 1
+                found.ledger = msgspec.structs.replace(
+                    ledger,
+                    totals=ledger.totals.plus(event),
+                    by_model={**ledger.by_model, event.model: ledger.by_model.get(event.model, Totals()).plus(event)},
+                    by_role={**ledger.by_role, event.role: ledger.by_role.get(event.role, Totals()).plus(event)},
+                )
+                return ledger.totals, found.ledger.totals
+        except SessionStateError:
+            return None  # the corrupt file was reported when the session was first used
+
+    def warn_once(self, session_id: str, key: str) -> bool:
+        """True the first time `key` is asked for the session, False after."""
+        with self._session(session_id) as found:
+            first = key not in found.warned
+            found.warned.add(key)
+            return first
+
+    def ledger(self, session_id: str) -> SessionLedger:
+        with self._session(session_id) as found:
+            return found.ledger
+
+    # -- the users' state ------------------------------------------------------------------------
+
+    def get_state(self, session_id: str) -> dict[str, Any]:
+        with self._session(session_id) as found:
+            self._check_state(session_id, found)
+            return dict(found.state)
+
+    def update_state(self, session_id: str, changes: dict[str, Any], removed: tuple[str, ...] = ()) -> None:
+        # Values must come back from the sidecar's JSON as they are read here: refuse what would not
+        # (before anything changes), and keep what a restart reads (a tuple becomes a list).
+        for key, value in changes.items():
+            check_json(value, f"session state {key!r}")
+        changes = _state_decoder.decode(_encoder.encode(changes))
+        with self._session(session_id) as found:
+            self._check_state(session_id, found)
+            found.state = {k: v for k, v in {**found.state, **changes}.items() if k not in removed}
+            found.version += 1
+        if self._on_change is not None:
+            self._on_change(session_id)
+
+    def _check_state(self, session_id: str, found: _Session) -> None:
+        if not found.persist and self.directory is not None:
+            raise SessionStateError(f"{self.path_for(session_id)}: the session's state file is corrupt (see the log)")
+
+    # -- loading, eviction -----------------------------------------------------------------------
+
+    def is_loaded(self, session_id: str) -> bool:
+        return self.directory is None or session_id in self._sessions
+
+    def load(self, session_id: str) -> None:
+        """Read the session's sidecar if it is not in memory (a blocking read: run it in a thread);
+        `SessionStateError` for a corrupt one when the store must refuse it."""
+        with self._session(session_id):
+            pass
+
     @contextlib.contextmanager
-    def session(self, session_id: str) -> Iterator[_Session]:
+    def _session(self, session_id: str) -> Iterator[_Session]:
         """The session, loaded from its sidecar on first sight, locked for the block."""
         with self._lock:
             found = self._sessions.get(session_id)
             if found is None:
-                found = self._sessions[session_id] = self._load(session_id)
+                found = self._sessions[session_id] = self._read(session_id)
                 if len(self._sessions) > self.max_sessions:
                     self._evict(keep=session_id)
             else:
                 self._sessions.move_to_end(session_id)
             yield found
+
+    def _read(self, session_id: str) -> _Session:
+        path = self.path_for(session_id)
+        if path is None:
+            return _Session(SessionLedger(session_id=session_id), {}, 0, persist=False)
+        try:
+            snapshot = read_sidecar(path, session_id)
+        except SidecarProblem as problem:
+            message = f"{problem}; it is left as it is (fix or move it away)"
+            if self.fail_on_corrupt:
+                raise SessionStateError(message) from None
+            logger.error(
+                "moa_stream: %s; this process counts session %r from zero and does not write it", message, session_id
+            )
+            return _Session(SessionLedger(session_id=session_id), {}, 0, persist=False)
+        if snapshot is None:
+            return _Session(SessionLedger(session_id=session_id), {}, 0, persist=True)
+        return _Session(snapshot.ledger, snapshot.state, snapshot.version, persist=True)
 
     def _evict(self, *, keep: str) -> None:
         # Only idle sessions whose sidecar holds their latest version can go: reading the file
@@ -186,170 +234,32 @@ class SessionStore:
         for session_id in idle[: len(self._sessions) - self.max_sessions]:
             del self._sessions[session_id]
 
-    def record(self, event: Event) -> tuple[Totals, Totals] | None:
-        """Add a call's usage or a turn to its session; a call's session totals before and after.
-        Never raises: it runs as calls end."""
-        # No notice to the sidecar writer here: it receives this very event next.
-        if not isinstance(event, CallUsage | TurnEnd):
-            return None
-        try:
-            with self.session(event.session_id) as found:
-                ledger = found.ledger
-                found.version += 1
-                if isinstance(event, TurnEnd):
-                    found.ledger = msgspec.structs.replace(ledger, turns=ledger.turns + 1)
-                    return None
-                found.in_flight = max(0, found.in_flight - 1)
-                found.ledger = msgspec.structs.replace(
-                    ledger,
-                    totals=ledger.totals.plus(event),
-                    by_model={**ledger.by_model, event.model: ledger.by_model.get(event.model, Totals()).plus(event)},
-                    by_role={**ledger.by_role, event.role: ledger.by_role.get(event.role, Totals()).plus(event)},
-                )
-                return ledger.totals, found.ledger.totals
-        except SessionStateError:
-            return None  # the corrupt file was reported when the session was first used
-
-    def ledger(self, session_id: str) -> SessionLedger:
-        with self.session(session_id) as found:
-            return found.ledger
-
-    def get_state(self, session_id: str) -> dict[str, Any]:
-        with self.session(session_id) as found:
-            self._check_state(session_id, found)
-            return dict(found.state)
-
-    def update_state(self, session_id: str, changes: dict[str, Any], removed: tuple[str, ...] = ()) -> None:
-        # Values must come back from the sidecar's JSON as they are read here: refuse what would not
-        # (before anything changes), and keep what a restart reads (a tuple becomes a list).
-        for key, value in changes.items():
-            check_json(value, f"session state {key!r}")
-        changes = _state_decoder.decode(_encoder.encode(changes))
-        with self.session(session_id) as found:
-            self._check_state(session_id, found)
-            found.state = {k: v for k, v in {**found.state, **changes}.items() if k not in removed}
-            found.version += 1
-        self._changed(session_id)
-
-    def _check_state(self, session_id: str, found: _Session) -> None:
-        if not found.persist and self.directory is not None:
-            raise SessionStateError(f"{self.path_for(session_id)}: the session's state file is corrupt (see the log)")
-
-    # -- loading -------------------------------------------------------------------------------
-
-    def _load(self, session_id: str) -> _Session:
-        path = self.path_for(session_id)
-        empty = SessionLedger(session_id=session_id)
-        if path is None:
-            return _Session(empty, {}, 0, persist=False)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return _Session(empty, {}, 0, persist=True)
-        except OSError as exc:
-            return self._unusable(session_id, f"{path}: cannot read the session state file: {exc.strerror or exc}")
-        if not data.strip():
-            return _Session(empty, {}, 0, persist=True)
-        try:
-            sidecar = _decoder.decode(data)
-        except msgspec.DecodeError as exc:
-            return self._unusable(session_id, f"{path}: not a valid session state file ({exc})")
-        if sidecar.format != _FORMAT:
-            return self._unusable(session_id, f"{path}: unknown session state format {sidecar.format}")
-        if sidecar.ledger.session_id != session_id:
-            return self._unusable(
-                session_id, f"{path}: holds session {sidecar.ledger.session_id!r}, not {session_id!r}"
-            )
-        return _Session(sidecar.ledger, sidecar.state, sidecar.version, persist=True)
-
-    def _unusable(self, session_id: str, problem: str) -> _Session:
-        message = f"{problem}; it is left as it is (fix or move it away)"
-        if self.fail_on_corrupt:
-            raise SessionStateError(message)
-        logger.error(
-            "moa_stream: %s; this process counts session %r from zero and does not write it", message, session_id
-        )
-        return _Session(SessionLedger(session_id=session_id), {}, 0, persist=False)
-
     # -- persisting (the sidecar sink, on the dispatcher's thread) -----------------------------
 
-    def bind(self, notify: Any) -> None:
-        """`notify(item)` hands an item to the sidecar writer alone."""
-        self._notify = notify
+    def on_change(self, notify: Callable[[str], None]) -> None:
+        """`notify(session_id)` is called when a session's state changes without an event."""
+        self._on_change = notify
 
-    def _changed(self, session_id: str) -> None:
-        if self._notify is not None:
-            self._notify(_Changed(session_id=session_id))
-
-    def snapshot(self, session_id: str) -> tuple[int, bytes] | None:
-        """The session's latest version and its sidecar bytes; None if the file is up to date."""
+    def pending(self, session_id: str) -> tuple[Path, Snapshot] | None:
+        """Where the session's sidecar goes and its latest snapshot; None if the file is up to date."""
         with self._lock:
             found = self._sessions.get(session_id)
-            if found is None or not found.persist or found.written >= found.version:
+            path = self.path_for(session_id)
+            if found is None or path is None or not found.persist or found.written >= found.version:
                 return None
-            sidecar = _Sidecar(version=found.version, ledger=found.ledger, state=found.state)
-            return found.version, _encoder.encode(sidecar)
+            return path, Snapshot(found.ledger, found.state, found.version)
 
-    def mark_written(self, session_id: str, version: int) -> None:
+    def written(self, session_id: str, version: int) -> None:
         with self._lock:
             found = self._sessions.get(session_id)
             if found is not None:
                 found.written = max(found.written, version)
 
 
-class _Changed(msgspec.Struct, frozen=True, kw_only=True):
-    """A session whose sidecar is out of date (travels to the sidecar writer only)."""
-
-    session_id: str
-
-
-class SidecarWriter:
-    """The sink that writes sidecars; being one sink, its writes never overlap."""
-
-    event_types = (CallUsage, TurnEnd, _Changed)
-
-    def __init__(self, store: SessionStore) -> None:
-        self.store = store
-
-    async def __call__(self, event: Event) -> None:
-        await self.write_batch([event])
-
-    async def write_batch(self, events: list[Any]) -> None:
-        for session_id in dict.fromkeys(event.session_id for event in events):
-            snapshot = self.store.snapshot(session_id)
-            if snapshot is None:
-                continue
-            version, data = snapshot
-            path = self.store.path_for(session_id)
-            assert path is not None
-            await anyio.to_thread.run_sync(write_atomically, path, data)
-            self.store.mark_written(session_id, version)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash at any point leaves the old file or the new one."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself must survive a power loss
-    finally:
-        os.close(directory)
-
-
 class SessionState:
     """A session's own key-value store (last write wins), kept in its sidecar, never in traces.
 
-    Values must be JSON-serializable. Get one with `moa_stream.session_state(client)`.
+    Values must be JSON. Get one with `moa_stream.session_state(client)`.
     """
 
     def __init__(self, store: SessionStore, session_id: str) -> None:

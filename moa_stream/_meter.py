@@ -1,185 +1,69 @@
-"""Turns and calls: the bookkeeping that turns upstream exchanges into exactly-once events."""
+"""Turns and calls: the bookkeeping that turns upstream exchanges into exactly-once events.
+
+A turn is one request of the caller; a call is one upstream HTTP exchange of it. Both report to
+their owner (the engine), which admits calls against budgets, keeps the ledger and delivers events;
+`Owner` is what they need of it.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, Protocol
 
 import anyio
+import msgspec
 
-from ._budget import Budget, BudgetBreach, BudgetGuard
+from ._budget import BudgetBreach
 from ._buffer import CallBuffer
-from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
+from ._errors import ClientClosedError
 from ._events import (
     CallRecord,
     CallStatus,
     CallUsage,
-    Event,
     OutputSource,
     Role,
     TurnEnd,
     TurnTrace,
 )
-from ._ledger import SessionStore, SidecarWriter, Totals
 from ._pricing import PriceTable
-from ._quirks import UpstreamQuirks
 from ._redact import Redactor, redact_trace, scrub, secret_redactor
-from ._traces import TraceWriter
+from ._totals import Totals
 from ._usage import resolve_tokens
 
-_SIDECAR_SINK = "session_store"
 _MAX_ERROR_CHARS = 1000
 
 
-class ClientClosedError(RuntimeError):
-    """A call or turn was asked of a wrapped client that has been closed."""
+class Owner(Protocol):
+    """What turns and calls need of the engine that owns them."""
 
-
-class _State(enum.Enum):
-    OPEN = "open"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-class Engine:
-    """Everything a wrapped client shares: prices, sinks, the trace writer, learned upstream quirks,
-    and the calls and turns in flight, which its `aclose()` ends before the events drain."""
-
-    def __init__(
-        self,
-        *,
-        prices: PriceTable,
-        sinks: Iterable[Sink] = (),
-        trace_dir: str | os.PathLike[str] | None = None,
-        sink_buffer: int = DEFAULT_SINK_BUFFER,
-        drain_timeout: float = 10.0,
-        redactor: Redactor | None = None,
-        budget: Budget | None = None,
-    ) -> None:
-        if drain_timeout <= 0:
-            raise ValueError(f"drain_timeout must be positive, got {drain_timeout!r}")
-        self.prices = prices
-        self.drain_timeout = drain_timeout
-        self.redactor = redactor
-        self.dispatcher = Dispatcher(buffer=sink_buffer)
-        self.trace_writer = TraceWriter(trace_dir) if trace_dir is not None else None
-        self.quirks = UpstreamQuirks()
-        self.origin: object = None
-        """The client that was wrapped, kept alive because collecting it would close the shared pool."""
-        # A budget with session limits cannot go on from zero when a session's totals are unreadable.
-        strict = budget is not None and bool(budget.session.items())
-        self.sessions = SessionStore(self.trace_writer.directory if self.trace_writer else None, fail_on_corrupt=strict)
-        self.guard = BudgetGuard(budget, self.sessions) if budget is not None else None
-        if self.trace_writer is not None:
-            self.dispatcher.add_sink(self.trace_writer, name="trace_writer")
-            self.dispatcher.add_sink(SidecarWriter(self.sessions), name=_SIDECAR_SINK)
-            self.sessions.bind(lambda item: self.dispatcher.offer_to(_SIDECAR_SINK, item))
-        for sink in sinks:
-            self.dispatcher.add_sink(sink)
-        self._state = _State.OPEN
-        # Sets rather than weak sets: a call or turn leaves when it ends, and close ends the rest.
-        self._open_calls: set[Call] = set()
-        self._open_turns: set[Turn] = set()
-        self._tails: set[asyncio.Task[None]] = set()
-
-    def add_sink(self, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:
-        """Deliver every later event to `sink` too (sync sinks run in a worker thread).
-
-        `buffer` is how many events may wait for this sink before new ones are dropped for it.
-        """
-        self.dispatcher.add_sink(sink, name=name, buffer=buffer)
-
-    def sink_stats(self) -> list[SinkStats]:
-        """Delivered, failed and dropped counts per sink (the trace writer included)."""
-        return self.dispatcher.stats()
-
-    async def flush(self) -> bool:
-        """Wait until every event so far reached every sink and every trace line is written."""
-        return await self.dispatcher.flush(self.drain_timeout)
-
-    async def aclose(self) -> None:
-        """End what is still in flight, deliver every event and trace line, then stop the sink
-        thread. Idempotent; shielded from cancellation.
-
-        Tail readers finish (each is bounded), every call still open ends as `closed_early`, and
-        every turn still running ends; their events reach the sinks before this returns.
-        """
-        if self._state is not _State.OPEN:
-            return
-        self._state = _State.CLOSING
-        with anyio.CancelScope(shield=True):
-            await self._finish_tails()
-            for call in list(self._open_calls):
-                call.end("closed_early")
-            for turn in list(self._open_turns):
-                turn.cut_short()
-            self._state = _State.CLOSED
-            await self.dispatcher.aclose(self.drain_timeout)
+    prices: PriceTable
+    redactor: Redactor | None
 
     @property
-    def is_open(self) -> bool:
-        return self._state is _State.OPEN
+    def is_open(self) -> bool: ...
+
+    def admit(self, call: Call, turn_totals: Totals, turn_started: int) -> None:
+        """Let `call` start (count it in flight), or raise `BudgetBreach`."""
+
+    def call_ended(self, call: Call, usage: CallUsage, turn: tuple[Totals, Totals]) -> None:
+        """Record and report a call that has ended; `turn` is the turn's totals before and after."""
+
+    def turn_ended(self, turn: Turn, end: TurnEnd, trace: TurnTrace) -> None:
+        """Record and report a turn that has ended."""
 
     def finish_later(self, work: Coroutine[Any, Any, None], *, fallback: Callable[[], None]) -> bool:
-        """Run `work` (which must be bounded in time) in a task this engine owns on the caller's
-        event loop, so that the caller need not wait for it; `close()` waits for it. False, with
-        `work` discarded, when that cannot be (the engine is closing, or the loop is not asyncio's):
-        the caller then finishes at once. `fallback` runs after the task in any case, even one
-        cancelled before it started, so nothing `work` had to finish is left unfinished."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is None or self._state is not _State.OPEN:
-            work.close()
-            return False
-        task = loop.create_task(work)
-        self._tails.add(task)
+        """Run bounded `work` off the caller's path, or say it cannot (see `Engine.finish_later`)."""
 
-        def done(task: asyncio.Task[None]) -> None:
-            self._tails.discard(task)
-            fallback()
 
-        task.add_done_callback(done)
-        return True
+class MoaFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What a MoA turn adds to its trace record (see `TurnTrace`)."""
 
-    async def _finish_tails(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        ours = [task for task in self._tails if task.get_loop() is loop]
-        if ours:
-            await asyncio.wait(ours)
-
-    def emit(self, event: Event) -> None:
-        if isinstance(event, TurnEnd):
-            self.sessions.record(event)
-        self.dispatcher.offer(event)
-
-    def call_ended(self, usage: CallUsage, turn: tuple[Totals, Totals]) -> None:
-        """Count a call in its session's ledger, report it, then any budget warning it set off."""
-        session = self.sessions.record(usage)
-        self.dispatcher.offer(usage)
-        if self.guard is not None and session is not None:
-            for warning in self.guard.warnings(usage, session, turn):
-                self.dispatcher.offer(warning)
-
-    def new_turn(self, *, session_id: str, model: str) -> Turn:
-        """A new turn; loads the session's ledger on first sight (raises `SessionStateError` for a
-        corrupt sidecar when a budget needs it, `ClientClosedError` once the client is closed)."""
-        if self._state is not _State.OPEN:
-            raise ClientClosedError("moa_stream: the client is closed")
-        self.sessions.ledger(session_id)
-        turn = Turn(self, session_id=session_id, model=model)
-        self._open_turns.add(turn)
-        return turn
+    preset: str
+    cadence: Literal["hit", "miss"] | None = None
+    aggregator_wait_s: float | None = None
 
 
 class Turn:
@@ -188,8 +72,8 @@ class Turn:
     The turn ends when it is sealed (no more calls will start) and its last call has ended.
     """
 
-    def __init__(self, engine: Engine, *, session_id: str, model: str) -> None:
-        self.engine = engine
+    def __init__(self, owner: Owner, *, session_id: str, model: str) -> None:
+        self.owner = owner
         self.turn_id = uuid.uuid4().hex
         self.session_id = session_id
         self.model = model
@@ -208,10 +92,7 @@ class Turn:
         self._cut = False
         self._secrets: set[str] = set()
         self._secret_seen = False
-        # Set by a MoA turn before it ends; carried into its trace record.
-        self.preset: str | None = None
-        self.cadence: Literal["hit", "miss"] | None = None
-        self.aggregator_wait_s: float | None = None
+        self._moa: MoaFacts | None = None
 
     def calls_so_far(self) -> list[CallUsage]:
         """Usage of the calls that have ended so far."""
@@ -236,19 +117,10 @@ class Turn:
         Raises `BudgetBreach` (and starts nothing) when a hard budget limit refuses the call, and
         `ClientClosedError` once the client is closed.
         """
-        engine = self.engine
         if self._sealed:
             raise RuntimeError("a sealed turn cannot start calls")
-        if not engine.is_open:
+        if not self.owner.is_open:
             raise ClientClosedError("moa_stream: the client is closed")
-        if engine.guard is not None:
-            try:
-                with self._lock:
-                    totals, started = self._totals, len(self._records) + self._open
-                engine.guard.admit(self.session_id, totals, started)
-            except BudgetBreach as breach:
-                self.refused = self.refused or breach
-                raise
         call = Call(
             self,
             role=role,
@@ -260,11 +132,17 @@ class Turn:
             secrets=secrets,
         )
         with self._lock:
+            totals, started = self._totals, len(self._records) + self._open
+        try:
+            self.owner.admit(call, totals, started)
+        except BudgetBreach as breach:
+            self.refused = self.refused or breach
+            raise
+        with self._lock:
             self._open += 1
             if main:
                 self._main = call
             self._secrets.update(secrets)
-        engine._open_calls.add(call)
         return call
 
     def fail(self, reason: str) -> None:
@@ -284,7 +162,11 @@ class Turn:
         self._cut = True
         self.seal()
 
-    def seal(self) -> None:
+    def seal(self, moa: MoaFacts | None = None) -> None:
+        """No more calls will start; the turn ends once its open calls have. A MoA turn gives its
+        facts here, once."""
+        if moa is not None and self._moa is None:
+            self._moa = moa
         with self._lock:
             self._sealed = True
             end = self._open == 0 and not self._ended
@@ -292,7 +174,7 @@ class Turn:
         if end:
             self._end()
 
-    def _call_ended(self, record: CallRecord) -> None:
+    def _call_ended(self, call: Call, record: CallRecord) -> None:
         with self._lock:
             before = self._totals
             self._totals = after = before.plus(record.usage)
@@ -300,12 +182,11 @@ class Turn:
             self._open -= 1
             end = self._sealed and self._open == 0 and not self._ended
             self._ended = self._ended or end
-        self.engine.call_ended(record.usage, (before, after))
+        self.owner.call_ended(call, record.usage, (before, after))
         if end:
             self._end()
 
     def _end(self) -> None:
-        self.engine._open_turns.discard(self)
         records = sorted(self._records, key=lambda r: r.usage.started_at)
         usages = [r.usage for r in records]
         main = self._main.usage if self._main is not None and self._main.usage is not None else None
@@ -331,21 +212,21 @@ class Turn:
             status=status,
             error=error,
         )
-        self.engine.emit(end)
+        moa = self._moa
         trace = TurnTrace(
             turn_id=self.turn_id,
             session_id=self.session_id,
             model=self.model,
             calls=records,
             end=end,
-            preset=self.preset,
-            cadence=self.cadence,
-            aggregator_wait_s=self.aggregator_wait_s,
+            preset=None if moa is None else moa.preset,
+            cadence=None if moa is None else moa.cadence,
+            aggregator_wait_s=None if moa is None else moa.aggregator_wait_s,
         )
         if self._secret_seen:
             trace = redact_trace(trace, secret_redactor(self._secrets))
-        redactor = self.engine.redactor
-        self.engine.emit(trace if redactor is None else redact_trace(trace, redactor))
+        redactor = self.owner.redactor
+        self.owner.turn_ended(self, end, trace if redactor is None else redact_trace(trace, redactor))
 
     def _outcome(self, main: CallUsage | None, usages: list[CallUsage]) -> tuple[CallStatus, str | None]:
         """The turn's status, and for an `error` its one-line reason."""
@@ -456,7 +337,6 @@ class Call:
             return
         duration = time.perf_counter() - self._t0
         turn = self.turn
-        turn.engine._open_calls.discard(self)
         buffer = self.buffer
         if status == "error" and error is None:
             error = buffer.error
@@ -473,7 +353,7 @@ class Call:
             streamed=self.streamed,
         )
         model = buffer.model or self.model
-        prices = turn.engine.prices
+        prices = turn.owner.prices
         self.usage = usage = CallUsage(
             call_id=uuid.uuid4().hex,
             turn_id=turn.turn_id,
@@ -517,7 +397,7 @@ class Call:
             finish_reason=buffer.finish_reason,
             usage=usage,
         )
-        turn._call_ended(record)
+        turn._call_ended(self, record)
 
 
 def _output_source(streamed: bool, status: CallStatus, has_output: bool) -> OutputSource:

@@ -9,7 +9,6 @@ ends exactly once; closing never waits on the upstream.
 from __future__ import annotations
 
 import functools
-import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
@@ -19,9 +18,9 @@ import anyio
 
 from ._events import CallStatus
 from ._meter import Call
+from ._sse import SSEFramer, data_of
 from ._wire import any_decoder, json_encoder
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _MAX_RECORDED_BODY = 32 * 1024 * 1024
 # After the last token, the usage chunk and [DONE] are normally already on the wire: when a caller
 # stops at finish_reason and closes, the engine reads the tail for at most this long, off the
@@ -57,7 +56,8 @@ def _without_null_usage(raw: bytes) -> bytes:
 
 
 class TeeStream:
-    """Base of the per-HTTP-library byte stream classes built by `tee_stream_class`."""
+    """The response body the caller's SDK reads; made a byte stream of the client's HTTP module by
+    `_sdk.for_module`."""
 
     _http: ModuleType
 
@@ -85,7 +85,7 @@ class TeeStream:
         self._rewrite_usage = rewrite_usage
         self._learn_usage = learn_usage
         self._saw_usage_key = False
-        self._pending = b""
+        self._framer = SSEFramer()
         self._body: list[bytes] = []
         self._body_size = 0
         self._done = False  # saw `[DONE]` or the end of the body
@@ -103,9 +103,8 @@ class TeeStream:
                 data = await iterator.__anext__()
             except StopAsyncIteration:
                 self._at_end()
-                if self._pending:
-                    tail, self._pending = self._pending, b""
-                    yield tail
+                if self._framer.pending:
+                    yield self._framer.pending  # an event without its empty line: the SDK judges it
                 elif self._rewrite_usage is not None and not self._sse:
                     yield _with_usage(b"".join(self._body), self._rewrite_usage)
                 return
@@ -127,7 +126,7 @@ class TeeStream:
             status, error = self._status_on_close(sys.exc_info()[1])
             if self._sse and self._expects_usage_tail():
                 finish = functools.partial(call.end, status, error)
-                if call.turn.engine.finish_later(self._read_tail_then_end(status, error), fallback=finish):
+                if call.turn.owner.finish_later(self._read_tail_then_end(status, error), fallback=finish):
                     return
             call.end(status, error)
         with anyio.CancelScope(shield=True):
@@ -142,27 +141,27 @@ class TeeStream:
     # -- SSE ------------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> bytes:
-        if self._pending:
-            data = self._pending + data
-            self._pending = b""
-        # The hot path: servers flush one whole single-line `data:` event per write.
-        if data.startswith(b"data: {") and data.find(b"\n") == len(data) - 2 and data.endswith(b"\n\n"):
-            return self._one_event(data)
-        if b"\r" in data:
-            ends = [m.end() for m in _EVENT_END.finditer(data)]
-            cut = ends[-1] if ends else -1
-        else:
-            found = data.rfind(b"\n\n")
-            cut = found + 2 if found >= 0 else -1
-        if cut < 0:
-            self._pending = data
-            return b""
-        complete = data[:cut]
-        self._pending = data[cut:]
-        return self._parse_events(complete)
+        """What the caller gets of `data`: its complete events, each as it came unless it is
+        stripped or rewritten; an unfinished event waits for the next read."""
+        complete, blocks = self._framer.feed(data)
+        if len(blocks) == 1:  # the usual case: one event per read
+            return self._block(complete)
+        changed = False
+        kept: list[bytes] = []
+        for block in blocks:
+            out = self._block(block)
+            changed = changed or out is not block
+            kept.append(out)
+        return b"".join(kept) if changed else complete
 
-    def _one_event(self, event: bytes) -> bytes:
-        return self._event(event[6:-2], event)
+    def _block(self, block: bytes) -> bytes:
+        data = data_of(block)
+        if data is None:  # comments, keep-alives
+            return block
+        if data.startswith(b"[DONE]"):
+            self._saw_end()
+            return block
+        return self._event(data, block)
 
     def _event(self, data: bytes, raw: bytes) -> bytes:
         """Record one event's data; return what the caller gets of it (b"" when it is stripped).
@@ -187,39 +186,6 @@ class TeeStream:
         if self._rewrite_usage is not None:
             return b"data: " + _with_usage(data, self._rewrite_usage) + b"\n\n"
         return raw
-
-    def _parse_events(self, complete: bytes) -> bytes:
-        changed = False
-        kept: list[bytes] = []
-        start = 0
-        separators = _EVENT_END.finditer(complete) if b"\r" in complete else None
-        while start < len(complete):
-            if separators is None:
-                found = complete.find(b"\n\n", start)
-                if found < 0:  # stray newlines after the last event
-                    kept.append(complete[start:])
-                    break
-                end, block = found + 2, complete[start:found]
-            else:
-                match = next(separators, None)
-                if match is None:
-                    kept.append(complete[start:])
-                    break
-                end, block = match.end(), complete[start : match.start()]
-            raw = complete[start:end]
-            start = end
-            data = _sse_data(block)
-            if data is None:
-                kept.append(raw)
-                continue
-            if data.startswith(b"[DONE]"):
-                self._saw_end()
-                kept.append(raw)
-                continue
-            out = self._event(data, raw)
-            changed = changed or out is not raw
-            kept.append(out)
-        return b"".join(kept) if changed else complete
 
     def _expects_usage_tail(self) -> bool:
         buffer = self._call.buffer
@@ -248,9 +214,9 @@ class TeeStream:
 
     def _finish_events(self) -> None:
         """The body has ended: take a last event that lacks its blank line."""
-        if self._pending.strip():
-            # A final event without its blank line: the SDK's decoder still delivers it.
-            self._parse_events(self._pending + b"\n\n")
+        if self._framer.pending.strip():
+            # A final event without its empty line: recorded, as some decoders still deliver it.
+            self._block(self._framer.pending + b"\n\n")
         self._saw_end()
 
     def _saw_end(self) -> None:
@@ -305,22 +271,3 @@ class TeeStream:
         if self._done or buffer.finish_reason is not None:
             return "completed", None
         return "closed_early", None
-
-
-def _sse_data(block: bytes) -> bytes | None:
-    """The `data` of one SSE event, or None for an event without data (comments, keep-alives)."""
-    if block.startswith(b"data: ") and b"\n" not in block and b"\r" not in block:
-        return block[6:]
-    parts = []
-    for line in block.splitlines():
-        if line.startswith(b"data:"):
-            value = line[5:]
-            parts.append(value[1:] if value.startswith(b" ") else value)
-    return b"\n".join(parts) if parts else None
-
-
-@functools.cache
-def tee_stream_class(module: ModuleType) -> type[TeeStream]:
-    """A TeeStream that is also `module.AsyncByteStream`, as the client requires of response streams."""
-    namespace = {"__module__": __name__, "_http": module}
-    return type("TeeStream", (TeeStream, module.AsyncByteStream), namespace)

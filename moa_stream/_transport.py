@@ -2,21 +2,21 @@
 
 `create`, `with_raw_response`, `with_streaming_response`, `.stream()`, `with_options` copies and a
 framework's direct `client.post(...)` all end in the HTTP client's transport, so that is where chat
-calls are recognised, rewritten (usage requested, session header removed) and teed.
+calls are recognised, rewritten (usage requested, session header removed) and teed. It holds the
+engine and nothing else of it; other endpoints pass through untouched.
 """
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 from typing import Any
 
 import anyio
 
 from ._budget import BudgetBreach
+from ._engine import Engine
 from ._ledger import SessionStateError
-from ._meter import Engine
-from ._moa import MOA_PREFIX, Presets, refusal_response, run_turn, session_error_response
+from ._moa import MOA_PREFIX, run_moa_turn
 from ._session import SESSION_HEADER, current_session
 from ._upstream import Upstream, send_chat
 from ._wire import any_decoder
@@ -27,33 +27,38 @@ def _is_chat(request: Any) -> bool:
 
 
 class MeteringTransport:
-    """Base of the per-HTTP-library transports built by `metering_transport_class`."""
+    """Wraps the HTTP client's transport (made a transport of its HTTP module by `_sdk.for_module`).
+
+    `moa_stream_engine` is the marker by which `_sdk` finds the engine; `owns_engine` is true for
+    the client's main transport only, which closes the engine when the client closes.
+    """
 
     _http: ModuleType
 
-    def __init__(self, inner: Any, engine: Engine, presets: Presets) -> None:
+    def __init__(self, inner: Any, engine: Engine, *, owns_engine: bool) -> None:
         self.inner = inner
-        self.engine = engine
-        self.presets = presets
+        self.moa_stream_engine = engine
+        self._owns_engine = owns_engine
         self._closed = False
 
     async def handle_async_request(self, request: Any) -> Any:
         if _is_chat(request):
             return await self._chat(request)
-        # The seam for more endpoints (Responses API): route here by path.
         return await self.inner.handle_async_request(request)
 
     async def aclose(self) -> None:
-        """Drain pending events and trace lines, then close the wrapped transport. Idempotent."""
+        """Close the engine (main transport only: end what is in flight, drain every event), then
+        the wrapped transport. Idempotent."""
         if self._closed:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            await self.engine.aclose()  # first: its tail readers may still be reading slot clients' streams
-            await self.presets.aclose()
+            if self._owns_engine:
+                await self.moa_stream_engine.aclose()
             await self.inner.aclose()
 
     async def _chat(self, request: Any) -> Any:
+        engine = self.moa_stream_engine
         body = await request.aread()
         try:
             payload = any_decoder.decode(body)
@@ -63,15 +68,19 @@ class MeteringTransport:
             payload = {}  # not ours to judge: the upstream answers it, and the call is still metered
         session_id = current_session(request.headers.get(SESSION_HEADER))
         upstream = Upstream.of_request(self._http, self.inner, request, drop=(SESSION_HEADER,))
+        try:
+            await engine.open_session(session_id)
+        except SessionStateError as exc:
+            return exc.response(self._http)
         model = str(payload.get("model", ""))
         if model.startswith(MOA_PREFIX):
-            return await run_turn(self.presets, self.engine, upstream, payload, body=body, session_id=session_id)
+            return await run_moa_turn(engine, upstream, payload, body=body, session_id=session_id)
 
         messages = payload.get("messages")
         try:
-            turn = self.engine.new_turn(session_id=session_id, model=model)
+            turn = engine.new_turn(session_id=session_id, model=model)
         except SessionStateError as exc:
-            return session_error_response(self._http, exc)
+            return exc.response(self._http)
         turn.note_inputs(body, upstream.secrets)
         try:
             call = turn.new_call(
@@ -86,13 +95,6 @@ class MeteringTransport:
             )
         except BudgetBreach as breach:
             turn.seal()  # a turn with no call and the refusal as its error
-            return refusal_response(self._http, breach)
+            return breach.response(self._http)
         turn.seal()
-        return await send_chat(self.engine, call, upstream, payload, body=body)
-
-
-@functools.cache
-def metering_transport_class(module: ModuleType) -> type[MeteringTransport]:
-    """A MeteringTransport that is also `module.AsyncBaseTransport`."""
-    namespace = {"__module__": __name__, "_http": module}
-    return type("MeteringTransport", (MeteringTransport, module.AsyncBaseTransport), namespace)
+        return await send_chat(engine.quirks, call, upstream, payload, body=body)

@@ -14,9 +14,10 @@ from urllib.parse import quote
 
 import openai
 
-from ._meter import Call, Engine
+from ._meter import Call
 from ._quirks import UpstreamQuirks
-from ._tee import UsageLearner, UsageRewrite, tee_stream_class
+from ._sdk import for_module, route_of
+from ._tee import TeeStream, UsageLearner, UsageRewrite
 from ._wire import json_encoder
 
 
@@ -59,23 +60,11 @@ class Upstream:
 
     @classmethod
     def of_client(cls, client: openai.AsyncOpenAI) -> Upstream:
-        """A slot's own client: its base URL, its credentials, its connection pool."""
-        from ._httpcompat import module_of
-        from ._transport import MeteringTransport
-
-        http_client: Any = client._client
-        url = http_client.build_request("POST", f"{str(client.base_url).rstrip('/')}/chat/completions").url
-        headers = {k: v for k, v in {**client.default_headers, **client.auth_headers}.items() if isinstance(v, str)}
-        transport = http_client._transport_for_url(url)
-        if isinstance(transport, MeteringTransport):  # a wrapped client: do not meter its calls twice
-            transport = transport.inner
-        request = http_client.build_request("POST", url, headers=headers)
+        """A slot's own client: its base URL, its credentials, its connection pool (below its
+        metering, when it is a wrapped client, so that its calls are not metered twice)."""
+        http, transport, request = route_of(client, "chat/completions")
         return cls(
-            http=module_of(http_client),
-            transport=transport,
-            url=url,
-            headers=request.headers,
-            extensions=request.extensions,
+            http=http, transport=transport, url=request.url, headers=request.headers, extensions=request.extensions
         )
 
     def request(self, body: bytes, *, identity: bool) -> Any:
@@ -109,7 +98,7 @@ def _credentials(headers: Any, url: Any) -> tuple[str, ...]:
 
 
 async def send_chat(
-    engine: Engine,
+    quirks: UpstreamQuirks,
     call: Call,
     upstream: Upstream,
     payload: dict[str, Any],
@@ -130,7 +119,6 @@ async def send_chat(
     streamed = payload.get("stream") is True
     options = payload.get("stream_options")
     asked_usage = isinstance(options, dict) and options.get("include_usage") is True
-    quirks = engine.quirks
     origin, model = upstream.origin, str(payload.get("model", ""))
     inject = streamed and not asked_usage and not quirks.rejects_stream_options(origin)
     drop_null_usage = False
@@ -198,7 +186,7 @@ def _teed(
     content_type = response.headers.get("content-type", "")
     ok = response.status_code < 400
     sse = ok and content_type.startswith("text/event-stream")
-    tee = tee_stream_class(http)(
+    tee = for_module(TeeStream, http, "AsyncByteStream")(
         response.stream,
         call,
         sse=sse,

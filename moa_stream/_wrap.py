@@ -1,26 +1,27 @@
-"""`wrap()`: a real AsyncOpenAI whose HTTP transport meters every chat call."""
+"""`wrap()`: a real AsyncOpenAI whose HTTP transport meters every chat call, and what a wrapped
+client offers besides: its sessions' ledgers and state, its sinks, flushing."""
 
 from __future__ import annotations
 
-import copy
 import os
-import types
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import openai
 
-from ._budget import BUDGET_ERROR, BUDGET_HEADER, Budget, BudgetExceeded, load_budget, validate_budget
-from ._config import ConfigError, Preset, check_key_variables, load_config, validate_presets
-from ._dispatch import DEFAULT_SINK_BUFFER, Sink
-from ._fast import fast_client_class
-from ._httpcompat import module_of
-from ._ledger import SessionLedger, SessionState, session_id_or_current
-from ._meter import Engine
-from ._moa import DEFAULT_UPSTREAM_CONCURRENCY, Presets
+from ._budget import Budget, validate_budget
+from ._config import read_config
+from ._dispatch import DEFAULT_SINK_BUFFER, Sink, SinkStats
+from ._engine import Engine
+from ._errors import ConfigError
+from ._ledger import SessionState, session_id_or_current
+from ._presets import Preset, check_key_variables, validate_presets
 from ._pricing import PriceInput, PriceTable
 from ._redact import RedactInput, make_redactor
-from ._transport import MeteringTransport, metering_transport_class
+from ._sdk import find_engine, for_module, http_module_of, install, specialize
+from ._sidecar import SessionLedger
+from ._slots import DEFAULT_UPSTREAM_CONCURRENCY
+from ._transport import MeteringTransport
 
 ClientT = TypeVar("ClientT", bound=openai.AsyncOpenAI)
 
@@ -75,20 +76,21 @@ def wrap(
         )
     if find_engine(client) is not None:
         raise ValueError("this client is already wrapped by moa_stream; wrap the original client once")
-    all_presets = load_config(config) if config is not None else {}
-    check_key_variables(all_presets, source=os.fspath(config or ""))
+    file = read_config(config) if config is not None else None
+    all_presets = dict(file.presets) if file is not None else {}
+    check_key_variables(all_presets, source=file.source if file is not None else "")
     given = validate_presets(presets or {})
     check_key_variables(given, source="presets=")
     for name, preset in given.items():
         if name in all_presets:
             raise ConfigError(f"presets=: preset {name!r} is also defined in {os.fspath(config or '')}")
         all_presets[name] = preset
-    file_budget = load_budget(config) if config is not None else None
-    if budget is not None and file_budget is not None:
+    if budget is not None and file is not None and file.budget is not None:
         raise ConfigError(f"budget=: a budget is also defined in {os.fspath(config or '')}; give one of them")
     if budget is not None:
         budget = validate_budget(budget)
-    moa = Presets(all_presets, upstream_concurrency=upstream_concurrency)
+    elif file is not None:
+        budget = file.budget
     table = PriceTable.builtin()
     if price_file is not None:
         table = table.merged(PriceTable.from_litellm_file(price_file))
@@ -101,70 +103,54 @@ def wrap(
         sink_buffer=sink_buffer,
         drain_timeout=drain_timeout,
         redactor=None if redact is None else make_redactor(redact),
-        budget=budget or file_budget,
+        budget=budget,
+        presets=all_presets,
+        upstream_concurrency=upstream_concurrency,
     )
-
-    http_client: Any = copy.copy(client._client)
-    transport_class = metering_transport_class(module_of(http_client))
     # Keep the original client alive: its HTTP client closes the shared pool when collected.
     engine.origin = client
-    http_client._transport = transport_class(http_client._transport, engine, moa)
-    http_client._mounts = {
-        pattern: None if mounted is None else transport_class(mounted, engine, moa)
-        for pattern, mounted in http_client._mounts.items()
-    }
-    wrapped = client.copy(http_client=http_client)
-    if fast:
-        # Same attributes, new methods: `with_options()` copies build `self.__class__`, so they stay fast.
-        original: type[openai.AsyncOpenAI] = type(client)
-        fast_class: Any = fast_client_class(original)
-        wrapped.__class__ = fast_class
-    if engine.guard is not None:  # only a budget refuses calls
-        _raise_budget_errors(wrapped)
+    transport_class = for_module(MeteringTransport, http_module_of(client._client), "AsyncBaseTransport")
+    main = True
+
+    def metering(inner: Any) -> MeteringTransport:
+        nonlocal main  # the first one made wraps the client's main transport, which owns the engine
+        owns, main = main, False
+        transport: MeteringTransport = transport_class(inner, engine, owns_engine=owns)
+        return transport
+
+    wrapped = install(client, metering)
+    specialize(wrapped, fast=fast, budget=budget is not None)
     return wrapped
 
 
-def _raise_budget_errors(client: openai.AsyncOpenAI) -> None:
-    """Make `client` (and its `copy()`/`with_options()` copies) raise `BudgetExceeded` for a refused
-    call, on the instance, so that its class stays the caller's own."""
-    setattr(client, "_make_status_error", types.MethodType(_make_status_error, client))  # noqa: B010
-    setattr(client, "copy", types.MethodType(_copy, client))  # noqa: B010
-    setattr(client, "with_options", types.MethodType(_copy, client))  # noqa: B010
-
-
-def _make_status_error(self: openai.AsyncOpenAI, err_msg: str, *, body: object, response: Any) -> Any:
-    if response.headers.get(BUDGET_HEADER) == BUDGET_ERROR:
-        return BudgetExceeded(err_msg, response=response, body=body)
-    return type(self)._make_status_error(self, err_msg, body=body, response=response)
-
-
-def _copy(self: openai.AsyncOpenAI, *args: Any, **kwargs: Any) -> Any:
-    copied = type(self).copy(self, *args, **kwargs)
-    _raise_budget_errors(copied)
-    return copied
-
-
-def find_engine(client: openai.AsyncOpenAI) -> Engine | None:
-    transport = getattr(getattr(client, "_client", None), "_transport", None)
-    return transport.engine if isinstance(transport, MeteringTransport) else None
-
-
-def engine_of(client: openai.AsyncOpenAI) -> Engine:
-    """The engine behind a wrapped client: add sinks, read sink stats, flush events."""
+def _engine_of(client: openai.AsyncOpenAI) -> Engine:
     engine = find_engine(client)
-    if engine is None:
+    if not isinstance(engine, Engine):
         raise ValueError(f"{type(client).__qualname__} instance is not wrapped by moa_stream.wrap()")
     return engine
 
 
 def session_ledger(client: openai.AsyncOpenAI, session_id: str | None = None) -> SessionLedger:
     """What a session (default: the current one) has used through `client`, restarts included."""
-    return engine_of(client).sessions.ledger(session_id_or_current(session_id))
+    return _engine_of(client).sessions.ledger(session_id_or_current(session_id))
 
 
 def session_state(client: openai.AsyncOpenAI, session_id: str | None = None) -> SessionState:
     """The key-value state of a session (default: the current one), kept in its sidecar file."""
-    return SessionState(engine_of(client).sessions, session_id_or_current(session_id))
+    return SessionState(_engine_of(client).sessions, session_id_or_current(session_id))
+
+
+def add_sink(client: openai.AsyncOpenAI, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:
+    """Deliver every later event of `client` to `sink` too (sync sinks run in a worker thread).
+
+    `buffer` is how many events may wait for this sink before new ones are dropped for it.
+    """
+    _engine_of(client).add_sink(sink, name=name, buffer=buffer)
+
+
+def sink_stats(client: openai.AsyncOpenAI) -> list[SinkStats]:
+    """Delivered, failed and dropped counts per sink of `client` (the trace writer included)."""
+    return _engine_of(client).sink_stats()
 
 
 async def flush(client: openai.AsyncOpenAI) -> bool:
@@ -172,4 +158,4 @@ async def flush(client: openai.AsyncOpenAI) -> bool:
 
     Returns False if a sink did not keep up within the client's `drain_timeout`.
     """
-    return await engine_of(client).flush()
+    return await _engine_of(client).flush()

@@ -12,18 +12,16 @@ import openai
 import pytest
 
 import moa_stream
-from moa_stream._httpcompat import default_module
-from moa_stream._sim import Fault, SimModel, Simulator
-from moa_stream._sim_server import SimServer
-from moa_stream._sim_transport import sim_client
+from moa_stream._sdk import default_http_module
+from moa_stream.testing import Fault, SimModel, SimServer, Simulator, sim_client
 
 E = TypeVar("E")
 USER = [{"role": "user", "content": "Tell me about streams"}]
 
 # What the bare SDK raises when a stream breaks mid-body: openai 3.x wraps the transport's error,
 # openai 2.x lets it through as it is.
-DROPPED_MID_STREAM = (openai.APIConnectionError, default_module().RemoteProtocolError)
-TIMED_OUT_MID_STREAM = (openai.APITimeoutError, default_module().ReadTimeout)
+DROPPED_MID_STREAM = (openai.APIConnectionError, default_http_module().RemoteProtocolError)
+TIMED_OUT_MID_STREAM = (openai.APITimeoutError, default_http_module().ReadTimeout)
 
 MODELS = [
     SimModel(name="sim-small"),

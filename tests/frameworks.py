@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import pytest
 
 import moa_stream
-from moa_stream._sim import Simulator
+from moa_stream.testing import Simulator
 
 from .conftest import EventLog
 

@@ -18,8 +18,8 @@ from langchain_openai import ChatOpenAI
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import SimModel, Simulator
 from moa_stream.adapters.langchain import chat_openai
+from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
 from .frameworks import guard_network, metered_turns

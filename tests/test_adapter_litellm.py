@@ -16,8 +16,8 @@ import pytest
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import SimModel, Simulator
 from moa_stream.adapters.litellm import acompletion_kwargs
+from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
 from .frameworks import guard_network, metered_turns

@@ -26,7 +26,8 @@ from agents.retry import ModelRetrySettings
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import SimModel, Simulator
+from moa_stream._sdk import find_engine
+from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
 from .frameworks import guard_network, metered_turns
@@ -153,7 +154,7 @@ async def test_no_retry_settings_go_through_with_options_and_stay_metered(
     monkeypatch.setattr(client, "with_options", with_options)
     result = await runner(weather_agent(client, "moa:duo", retry=ModelRetrySettings(max_retries=0)), QUESTION)
     assert copies  # the SDK sent its requests through no-retry copies (it asks for several per request)
-    assert all(moa_stream.engine_of(copy) is moa_stream.engine_of(client) for copy in copies)
+    assert all(find_engine(copy) is find_engine(client) for copy in copies)
     metered = await metered_turns(log, sim, 2)
     assert reported(result) == [(turn.input_tokens, turn.output_tokens) for turn in metered]
 

@@ -20,7 +20,8 @@ from pydantic_ai.usage import RunUsage
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import SimModel, Simulator
+from moa_stream._sdk import find_engine
+from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
 from .frameworks import guard_network, metered_turns
@@ -150,7 +151,7 @@ async def test_max_retries_setting_goes_through_with_options_and_stays_metered(
     monkeypatch.setattr(client, "with_options", with_options)
     outcome = await runner(weather_agent(client, "moa:duo", ModelSettings(max_retries=0)), QUESTION)
     assert [copy.max_retries for copy in copies] == [0, 0]
-    assert all(moa_stream.engine_of(copy) is moa_stream.engine_of(client) for copy in copies)
+    assert all(find_engine(copy) is find_engine(client) for copy in copies)
     metered = await metered_turns(log, sim, 2)
     assert outcome.reported() == [(turn.input_tokens, turn.output_tokens) for turn in metered]
 

@@ -28,7 +28,7 @@ from benchmarks._common import (
     rotated,
     write_json,
 )
-from moa_stream import _cli
+from moa_stream._cli import _main as _cli
 
 TINY = dataclasses.replace(
     Config.quick_run(),
@@ -245,6 +245,6 @@ def test_bench_command_names_the_same_sections_as_the_suite() -> None:
 def test_bench_command_needs_a_source_checkout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_cli, "__file__", str(tmp_path / "site-packages" / "moa_stream" / "_cli.py"))
+    monkeypatch.setattr(_cli, "__file__", str(tmp_path / "site-packages" / "moa_stream" / "_cli" / "_main.py"))
     assert _cli.main(["bench", "--quick"]) == 2
     assert "benchmarks need a source checkout" in capsys.readouterr().err

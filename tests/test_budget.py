@@ -11,8 +11,7 @@ import pytest
 
 import moa_stream
 from moa_stream import Budget, ConfigError, Limits, Preset
-from moa_stream._sim import SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import SimModel, Simulator, sim_client
 
 from .conftest import EventLog
 from .conftest import chat_once as ask

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 import moa_stream
-from moa_stream._demo import run_demo
-from moa_stream._sim import Simulator
+from moa_stream._cli._demo import run_demo
+from moa_stream.testing import Simulator
 
 from .conftest import MODELS, ServerThread
 
@@ -91,7 +91,7 @@ def test_events_held_at_interpreter_exit_are_delivered(tmp_path: Path) -> None:
     # The client is never closed: the exit hook still drains the trace line.
     script = """
 import asyncio, sys, moa_stream
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import sim_client
 
 async def main():
     client = moa_stream.wrap(sim_client(), trace_dir=sys.argv[1])

@@ -15,8 +15,8 @@ import pytest
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import Fault, SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream._sdk import find_engine
+from moa_stream.testing import Fault, SimModel, Simulator, sim_client
 
 from .conftest import EventLog
 from .scripted import SSE, Gate, Reply, Request, ScriptedUpstream, openai_chunks
@@ -158,7 +158,7 @@ async def test_client_close_with_streams_open_delivers_their_events_before_it_re
     assert len(list(moa_stream.read_traces(tmp_path / f"{session}.jsonl"))) == 3
     for stream in streams:
         await stream.close()
-    assert sum(s.dropped for s in moa_stream.engine_of(client).sink_stats()) == 0
+    assert sum(s.dropped for s in moa_stream.sink_stats(client)) == 0
 
 
 async def test_client_close_during_a_moa_fan_out_ends_the_turn_once(tmp_path: Path) -> None:
@@ -190,7 +190,7 @@ async def test_a_call_ending_after_close_is_counted_in_sink_stats(tmp_path: Path
     log = EventLog()
     sim = Simulator([SimModel(name="m")])
     client = moa_stream.wrap(sim_client(sim, max_retries=0), sinks=[log])
-    engine = moa_stream.engine_of(client)
+    engine = find_engine(client)
     await client.close()
     late = engine.dispatcher
     late.offer(log.events[0] if log.events else _usage())

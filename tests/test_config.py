@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from moa_stream._config import ConfigError, Preset, SelfMoA, Slot, load_config, self_moa, validate_presets
+from moa_stream import ConfigError, Preset, SelfMoA, Slot, load_config, self_moa, validate_presets
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:

@@ -15,7 +15,8 @@ from openai._streaming import SSEDecoder
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import moa_stream
-from moa_stream._fast import FastSSEDecoder, fast_client_class
+from moa_stream._fast import FastSSEDecoder
+from moa_stream._sdk import specialize
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
 
@@ -135,7 +136,8 @@ COMPLETIONS = {
 
 
 def fast_build(cast_to: Any, data: dict[str, Any]) -> Any:
-    client = fast_client_class(openai.AsyncOpenAI)(api_key="k", base_url="http://x.invalid/v1")
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://x.invalid/v1")
+    specialize(client, fast=True, budget=False)
     return client._process_response_data(data=copy.deepcopy(data), cast_to=cast_to, response=None)  # type: ignore[arg-type]
 
 

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import Fault, FaultKind, SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream._sdk import find_engine
+from moa_stream.testing import Fault, FaultKind, SimModel, Simulator, sim_client
 
 from .conftest import EventLog
 
@@ -223,7 +223,7 @@ class Sinks:
         if self.trace_dir.is_dir():  # (the disk-full case's file is /dev/full, which reads forever)
             recorded += [path.read_bytes() for path in self.trace_dir.glob("*.jsonl") if not path.is_symlink()]
         assert not any(KEY.encode() in text for text in recorded)
-        engine = moa_stream.engine_of(client)
+        engine = find_engine(client)
         stats = {s.name: s for s in engine.sink_stats()}
         count = len(log.events)
         assert stats["EventLog"].delivered == count
@@ -390,7 +390,7 @@ async def test_client_close_with_any_calls_still_open(
             assert len(log.of(moa_stream.CallUsage)) == expected_calls(sim)
             if trace_dir is not None and turns:
                 assert len(list(moa_stream.read_traces(trace_dir / f"{SESSION}.jsonl"))) == turns
-            assert sum(s.dropped + s.failed for s in moa_stream.engine_of(client).sink_stats()) == 0
+            assert sum(s.dropped + s.failed for s in moa_stream.sink_stats(client)) == 0
             tasks.cancel_scope.cancel()
         for stream in opened:
             await stream.close()

@@ -19,9 +19,9 @@ import pytest
 
 import moa_stream
 from moa_stream import Preset, Totals
-from moa_stream._ledger import write_atomically
-from moa_stream._sim import SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream._sdk import find_engine
+from moa_stream._sidecar import write_atomically
+from moa_stream.testing import SimModel, Simulator, sim_client
 
 from .conftest import EventLog, chat_once
 
@@ -140,7 +140,7 @@ def test_a_failed_write_leaves_the_previous_sidecar_intact(tmp_path: Path, monke
     def disk_failure(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("moa_stream._ledger.os.fsync", disk_failure)
+    monkeypatch.setattr("moa_stream._sidecar.os.fsync", disk_failure)
     with pytest.raises(OSError, match="Input/output"):
         write_atomically(path, b'{"new": true}')
     assert path.read_bytes() == b'{"old": true}'
@@ -180,7 +180,7 @@ async def test_session_state_is_kept_in_the_sidecar_not_in_traces(tmp_path: Path
             moa_stream.session_state(client, event.session_id).set("last_turn", event.turn_id)
             seen.append(event.turn_id)
 
-    moa_stream.engine_of(client).add_sink(sink)
+    moa_stream.add_sink(client, sink)
     with moa_stream.session("notes"):
         state = moa_stream.session_state(client)
         state.set("customer", {"plan": "pro", "secret-marker": "s3cr3t-value"})
@@ -214,12 +214,12 @@ async def test_without_a_trace_dir_the_ledger_lives_in_memory(tmp_path: Path) ->
         assert moa_stream.session_state(client).get("k") == "v"
         assert moa_stream.session_ledger(client).totals.calls == 1
     await client.close()
-    assert [s.name for s in moa_stream.engine_of(client).sink_stats()] == []
+    assert [s.name for s in moa_stream.sink_stats(client)] == []
 
 
 KILLED_WRITER = """
 import asyncio, sys, moa_stream
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import sim_client
 
 async def main():
     client = moa_stream.wrap(sim_client(), trace_dir=sys.argv[1])
@@ -281,7 +281,7 @@ def test_sidecar_writes_are_off_the_callers_thread(tmp_path: Path, monkeypatch: 
         await chat_once(client, "sim-small", stream=True)
         await client.close()
 
-    monkeypatch.setattr("moa_stream._ledger.write_atomically", spy)
+    monkeypatch.setattr("moa_stream._sidecar.write_atomically", spy)
     anyio.run(main)
     assert threads
     assert threading.main_thread().name not in threads
@@ -289,7 +289,7 @@ def test_sidecar_writes_are_off_the_callers_thread(tmp_path: Path, monkeypatch: 
 
 async def test_idle_sessions_beyond_the_cap_are_let_go_and_read_back_unchanged(tmp_path: Path) -> None:
     client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
-    store = moa_stream.engine_of(client).sessions
+    store = find_engine(client).sessions
     store.max_sessions = 3
     for number in range(10):
         with moa_stream.session(f"user-{number}"):

@@ -12,8 +12,7 @@ import pytest
 import moa_stream
 from moa_stream import Preset, Slot
 from moa_stream._prompt import NO_REFERENCES, STALE_NOTE
-from moa_stream._sim import Fault, SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import Fault, SimModel, Simulator, sim_client
 
 from .conftest import EventLog
 from .test_sim import WEATHER_TOOL

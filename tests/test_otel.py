@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import moa_stream
 from moa_stream import Preset
 from moa_stream._otel import OTelSink, error_type, provider_name
-from moa_stream._sim import Fault, SimModel, Simulator
+from moa_stream.testing import Fault, SimModel, Simulator
 
 from .conftest import EventLog
 

@@ -7,7 +7,8 @@ from openai import AsyncStream
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 import moa_stream
-from moa_stream._sim import sim_token_count
+from moa_stream._sdk import find_engine
+from moa_stream.testing import sim_token_count
 
 from .conftest import EventLog, first_stream
 
@@ -111,7 +112,7 @@ async def test_wrapped_client_is_the_same_class_with_the_same_options(upstream: 
         assert wrapped.api_key == upstream.api_key
         assert wrapped.max_retries == upstream.max_retries
         assert type(wrapped._client) is type(upstream._client)
-        assert moa_stream.engine_of(wrapped.with_options(timeout=5)) is moa_stream.engine_of(wrapped)
+        assert find_engine(wrapped.with_options(timeout=5)) is find_engine(wrapped)
     finally:
         await wrapped.close()
 

@@ -10,8 +10,7 @@ import pytest
 
 import moa_stream
 from moa_stream import Preset, Slot
-from moa_stream._sim import Fault, SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import Fault, SimModel, Simulator, sim_client
 
 from .conftest import EventLog
 from .scripted import SSE, Reply, Request, ScriptedUpstream, error_reply, sse

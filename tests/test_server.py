@@ -20,9 +20,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._httpcompat import default_module
-from moa_stream._sim import Fault, SimModel, Simulator
-from moa_stream._sim_transport import sim_client
+from moa_stream._sdk import default_http_module
+from moa_stream.testing import Fault, SimModel, Simulator, sim_client
 
 from .conftest import MODELS, EventLog
 
@@ -81,7 +80,7 @@ def caller(server: Server, api_key: str = "unused") -> openai.AsyncOpenAI:
 
 def raw(server: Server) -> Any:
     """A plain HTTP client (httpx or httpx2, whichever the SDK uses) for requests no SDK would send."""
-    return default_module().AsyncClient(base_url=server.base_url, timeout=10)
+    return default_http_module().AsyncClient(base_url=server.base_url, timeout=10)
 
 
 def assert_openai_error(response: Any, status: int, *, param: str | None = None) -> dict[str, Any]:

@@ -14,16 +14,17 @@ import pytest
 from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk, ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
-from moa_stream._httpcompat import default_module
-from moa_stream._sim import (
+from moa_stream._sdk import default_http_module
+from moa_stream.testing import (
     Fault,
     SimModel,
     SimResponse,
+    SimServer,
+    SimTransport,
     Simulator,
+    sim_client,
     sim_token_count,
 )
-from moa_stream._sim_server import SimServer
-from moa_stream._sim_transport import SimTransport, sim_client
 
 from .conftest import DROPPED_MID_STREAM, TIMED_OUT_MID_STREAM
 
@@ -358,7 +359,7 @@ async def test_disconnect_raises_api_connection_error_from_remote_protocol_error
     assert len(received) == 3
     # openai 3.x wraps the transport error; 2.x raises it as it is
     dropped = caught.value.__cause__ if isinstance(caught.value, openai.APIConnectionError) else caught.value
-    assert isinstance(dropped, default_module().RemoteProtocolError)
+    assert isinstance(dropped, default_http_module().RemoteProtocolError)
     assert sim.stats.open_streams == 0
 
 
@@ -537,7 +538,7 @@ async def test_every_response_carries_a_request_id() -> None:
 def test_sim_transport_derives_from_the_client_modules_base_transport() -> None:
     transport = SimTransport(Simulator())
     assert isinstance(transport, SimTransport)
-    assert isinstance(transport, default_module().AsyncBaseTransport)
+    assert isinstance(transport, default_http_module().AsyncBaseTransport)
 
 
 def test_invalid_model_config_is_rejected_naming_the_field() -> None:

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 import moa_stream
+from moa_stream._sdk import find_engine
 
 from .conftest import EventLog
 
@@ -33,7 +34,7 @@ async def test_blocked_sink_does_not_hold_up_the_stream(upstream: openai.AsyncOp
     await log.wait_turns(3)
     release.set()
     await client.close()
-    [blocked_stats, log_stats] = moa_stream.engine_of(client).sink_stats()
+    [blocked_stats, log_stats] = moa_stream.sink_stats(client)
     assert blocked_stats.delivered == log_stats.delivered == 9
 
 
@@ -44,7 +45,7 @@ async def test_raising_sink_is_counted_and_others_still_receive(upstream: openai
     client = moa_stream.wrap(upstream, sinks=[broken, log])
     assert await stream_once(client)
     await client.close()
-    [broken_stats, log_stats] = moa_stream.engine_of(client).sink_stats()
+    [broken_stats, log_stats] = moa_stream.sink_stats(client)
     assert (broken_stats.failed, broken_stats.delivered) == (3, 0)
     assert log_stats.delivered == 3
     assert len(log.of(moa_stream.CallUsage)) == 1
@@ -57,13 +58,13 @@ async def test_full_sink_buffer_drops_and_counts(upstream: openai.AsyncOpenAI, l
         release.wait()
 
     client = moa_stream.wrap(upstream, sinks=[log])
-    moa_stream.engine_of(client).add_sink(blocked, name="blocked", buffer=2)
+    moa_stream.add_sink(client, blocked, name="blocked", buffer=2)
     for _ in range(4):
         assert await stream_once(client)
     await log.wait_turns(4)  # every event has been fanned out to both sinks by now
     release.set()
     await client.close()
-    stats = {s.name: s for s in moa_stream.engine_of(client).sink_stats()}
+    stats = {s.name: s for s in moa_stream.sink_stats(client)}
     # 12 events: one batch in the sink's hands, two buffered, the rest dropped and counted
     assert stats["blocked"].delivered + stats["blocked"].dropped == 12
     assert stats["blocked"].dropped >= 1
@@ -87,7 +88,7 @@ async def test_async_sink_receives_events(upstream: openai.AsyncOpenAI) -> None:
 async def test_sink_added_later_receives_later_events(upstream: openai.AsyncOpenAI, log: EventLog) -> None:
     client = moa_stream.wrap(upstream)
     await stream_once(client)
-    moa_stream.engine_of(client).add_sink(log)
+    moa_stream.add_sink(client, log)
     await stream_once(client)
     await client.close()
     assert len(log.of(moa_stream.CallUsage)) == 1
@@ -111,7 +112,7 @@ async def test_close_is_idempotent_and_later_events_are_counted_as_dropped(upstr
     await client.close()
     await client.close()
     assert len(received) == 3
-    assert [s.dropped for s in moa_stream.engine_of(client).sink_stats()] == [0]
+    assert [s.dropped for s in moa_stream.sink_stats(client)] == [0]
 
 
 async def stuck_async_sink(event: moa_stream.Event) -> None:
@@ -134,7 +135,7 @@ async def test_a_sink_stuck_for_good_is_abandoned_at_close_and_its_events_counte
     await log.wait_turns(2)
     assert not await moa_stream.flush(client)  # the stuck sink cannot be drained
     await client.close()  # returns after the drain timeout instead of waiting for the sink
-    engine = moa_stream.engine_of(client)
+    engine = find_engine(client)
     [stuck_stats, log_stats] = engine.sink_stats()
     assert log_stats.delivered == 6
     assert (stuck_stats.delivered, stuck_stats.dropped) == (0, 6)

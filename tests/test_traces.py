@@ -11,6 +11,7 @@ import openai
 import pytest
 
 import moa_stream
+from moa_stream._sdk import find_engine
 
 from .conftest import EventLog
 
@@ -115,7 +116,7 @@ async def test_azure_client_stays_azure(tmp_path: Path) -> None:
     azure = openai.AsyncAzureOpenAI(api_key="k", api_version="2024-10-21", azure_endpoint="https://example.invalid")
     client = moa_stream.wrap(azure)
     assert isinstance(client, openai.AsyncAzureOpenAI)
-    assert moa_stream.engine_of(client) is not None
+    assert find_engine(client) is not None
     await client.close()
 
 
@@ -145,7 +146,7 @@ async def test_a_rotated_trace_file_is_opened_anew(upstream: openai.AsyncOpenAI,
 
 CRASHING_WRITER = """
 import asyncio, sys, moa_stream
-from moa_stream._sim_transport import sim_client
+from moa_stream.testing import sim_client
 
 async def main():
     client = moa_stream.wrap(sim_client(), trace_dir=sys.argv[1])
@@ -199,7 +200,7 @@ async def test_a_full_disk_fails_the_trace_sink_only_and_is_counted(
             reply = await client.chat.completions.create(model="sim-small", messages=USER)
             assert reply.choices[0].message.content  # the caller never notices
     await client.close()
-    stats = {s.name: s for s in moa_stream.engine_of(client).sink_stats()}
+    stats = {s.name: s for s in moa_stream.sink_stats(client)}
     assert (stats["trace_writer"].failed, stats["trace_writer"].delivered) == (2, 0)  # one trace record per turn
     assert len(log.of(moa_stream.TurnTrace)) == 2  # other sinks still get the records
 
@@ -218,7 +219,7 @@ async def test_a_trace_dir_removed_under_the_writer_fails_and_recovers(
         traces.mkdir()
         await client.chat.completions.create(model="sim-large", messages=USER)
     await client.close()
-    writer = {s.name: s for s in moa_stream.engine_of(client).sink_stats()}["trace_writer"]
+    writer = {s.name: s for s in moa_stream.sink_stats(client)}["trace_writer"]
     assert (writer.failed, writer.delivered) == (1, 1)
     assert [t.model for t in moa_stream.read_traces(traces / "s.jsonl")] == ["sim-large"]
 

@@ -12,8 +12,8 @@ import pytest
 
 import moa_stream
 from moa_stream import Preset
-from moa_stream._sim import Fault, SimModel, Simulator
-from moa_stream._traces_cli import add_traces_parser, run_traces
+from moa_stream._cli._traces import add_traces_parser, run_traces
+from moa_stream.testing import Fault, SimModel, Simulator
 
 USER = [{"role": "user", "content": "Compare two rivers"}]
 PRICES = {

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 import moa_stream
-from moa_stream._sim import Simulator, sim_token_count
+from moa_stream.testing import Simulator, sim_token_count
 
 from .conftest import EventLog, first_stream
 from .test_sim import WEATHER_TOOL

@@ -8,7 +8,7 @@ import openai
 import pytest
 import pytest_asyncio
 
-from moa_stream._local import LocalServer
+from moa_stream._cli._local import LocalServer
 
 # The event log and the `wrapped` factory are the main suite's; `wrapped` wraps this suite's `upstream`.
 from tests.conftest import EventLog, log, wrapped

@@ -20,7 +20,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 import moa_stream
 from moa_stream import CallUsage, Preset, Slot, TurnEnd
-from moa_stream._local import LOCAL_MODEL, LocalServer
+from moa_stream._cli._local import LOCAL_MODEL, LocalServer
 
 from .conftest import EventLog
 

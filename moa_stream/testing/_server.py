@@ -14,9 +14,8 @@ import anyio
 import anyio.abc
 import h11
 
-from ._sim import SimDisconnect, SimResponse, Simulator
-
-__all__ = ["SimServer", "serve_forever"]
+from ._models import SimDisconnect, SimResponse
+from ._simulator import Simulator
 
 _RECEIVE_SIZE = 65536
 # Errors that mean the peer is gone or misbehaved: the connection ends, the server carries on.

@@ -6,17 +6,15 @@ classes are built per module (cached) on top of the module-agnostic logic here.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
 import openai
 
-from ._httpcompat import byte_stream_base, default_module
-from ._sim import SimDisconnect, SimTimeout, Simulator, default_simulator
-
-__all__ = ["SimTransport", "sim_client"]
+from .._sdk import default_http_module, for_module
+from ._models import SimDisconnect, SimTimeout
+from ._simulator import Simulator, default_simulator
 
 _DROPPED = "peer closed connection without sending complete message body"
 
@@ -32,12 +30,12 @@ class SimTransport:
 
     def __new__(cls, simulator: Simulator, *, http_module: ModuleType | None = None) -> SimTransport:
         if cls is SimTransport:
-            cls = _transport_class(http_module or default_module())
+            cls = for_module(SimTransport, http_module or default_http_module(), "AsyncBaseTransport")
         return object.__new__(cls)
 
     def __init__(self, simulator: Simulator, *, http_module: ModuleType | None = None) -> None:
         self.simulator = simulator
-        self._module = http_module or default_module()
+        self._module = http_module or default_http_module()
 
     async def handle_async_request(self, request: Any) -> Any:
         """Serve one `http_module.Request` from the simulator (the client's transport hook)."""
@@ -49,7 +47,7 @@ class SimTransport:
             )
         except SimTimeout as exc:
             raise self._module.ReadTimeout(str(exc), request=request) from exc
-        stream = _stream_class(self._module)(response.body, self._module)
+        stream = for_module(_SimByteStream, self._module, "AsyncByteStream")(response.body, self._module)
         return self._module.Response(response.status, headers=response.headers, stream=stream)
 
     async def aclose(self) -> None:
@@ -82,24 +80,13 @@ class _SimByteStream:
             await aclose()
 
 
-@functools.cache
-def _transport_class(module: ModuleType) -> type[SimTransport]:
-    base: type[Any] = module.AsyncBaseTransport
-    return type(f"SimTransport[{module.__name__}]", (SimTransport, base), {})
-
-
-@functools.cache
-def _stream_class(module: ModuleType) -> type[_SimByteStream]:
-    return type(f"SimByteStream[{module.__name__}]", (_SimByteStream, byte_stream_base(module)), {})
-
-
 def sim_client(simulator: Simulator | None = None, **kwargs: Any) -> openai.AsyncOpenAI:
     """An `openai.AsyncOpenAI` whose requests are answered in-process by `simulator`.
 
     `simulator` defaults to `default_simulator()`; `kwargs` go to `AsyncOpenAI` (for example
     `max_retries`), and may override `base_url` and `api_key`.
     """
-    module = default_module()
+    module = default_http_module()
     transport = SimTransport(simulator if simulator is not None else default_simulator(), http_module=module)
     kwargs.setdefault("base_url", "http://sim.local/v1")
     kwargs.setdefault("api_key", "sim-key")

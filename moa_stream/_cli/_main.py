@@ -13,8 +13,8 @@ from pathlib import Path
 
 import anyio
 
-from ._server import add_serve_parser, run_serve
-from ._traces_cli import add_traces_parser, run_traces
+from .._server import add_serve_parser, run_serve
+from ._traces import add_traces_parser, run_traces
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _local(lambda: run_local_demo(trace_dir=args.trace_dir))
     if args.command == "demo":
-        from ._config import ConfigError
+        from .._errors import ConfigError
         from ._demo import run_demo
 
         try:
@@ -112,7 +112,7 @@ _BENCH_ABOUT = (
 
 def _bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """Run `benchmarks/` of the source checkout this package was imported from."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "suite.py").is_file():
         print(
             "moa-stream bench: the benchmarks need a source checkout (they are not part of the installed package); "
@@ -159,8 +159,7 @@ async def _serve_local(host: str, port: int) -> None:
 
 
 async def _serve_simulator(host: str, port: int) -> None:
-    from ._sim import default_simulator
-    from ._sim_server import SimServer
+    from ..testing import SimServer, default_simulator
 
     async with SimServer(default_simulator(), host=host, port=port) as server:
         print(f"simulator listening on {server.base_url} (Ctrl-C stops it)", file=sys.stderr, flush=True)

@@ -13,13 +13,13 @@ import anyio
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from ._config import Preset, Slot, load_config, self_moa
-from ._events import Aggregating, CallUsage, Event, ReferenceDone, ReferenceStarted, TurnTrace
+from .._config import load_config
+from .._events import Aggregating, CallUsage, Event, ReferenceDone, ReferenceStarted, TurnTrace
+from .._presets import Preset, Slot, self_moa
+from .._session import session
+from .._wrap import wrap
+from ..testing import default_simulator, sim_client
 from ._local import LOCAL_MODEL, LocalServer
-from ._session import session
-from ._sim import default_simulator
-from ._sim_transport import sim_client
-from ._wrap import wrap
 
 SIM_PRESET = Preset(references=["sim-small", "sim-medium", "sim-reasoner"], aggregator="sim-large")
 QUESTION = "In two sentences: why do streaming APIs need careful resource cleanup?"

@@ -1,0 +1,54 @@
+"""The package's own exceptions, and every OpenAI-shaped error it builds (library, server, simulator)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import msgspec
+
+_encoder = msgspec.json.Encoder()
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the one-line message names the source, preset, field and value."""
+
+
+class ClientClosedError(RuntimeError):
+    """A call or turn was asked of a wrapped client that has been closed."""
+
+
+def error_document(
+    status: int, message: str, *, type_: str | None = None, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`; the type defaults to
+    `invalid_request_error` below 500 and `server_error` from 500 on, as OpenAI's do."""
+    kind = type_ or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_json(
+    status: int, message: str, *, type_: str | None = None, param: str | None = None, code: str | None = None
+) -> bytes:
+    """`error_document` encoded as JSON."""
+    return _encoder.encode(error_document(status, message, type_=type_, param=param, code=code))
+
+
+def error_response(
+    http: ModuleType,
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    document: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """An error answered by the library itself, as an `http.Response`; the caller's SDK raises it as
+    the matching APIStatusError, and never retries it (the work behind it is already done)."""
+    body = _encoder.encode(
+        document if document is not None else error_document(status, message, param=param, code=code)
+    )
+    all_headers = {"content-type": "application/json", "x-should-retry": "false", **(headers or {})}
+    return http.Response(status, headers=all_headers, content=body)
