@@ -1,9 +1,13 @@
 """The public surface, and a built wheel that carries `moa_stream.adapters`."""
 
 from __future__ import annotations
+import __future__
 
+import ast
+import importlib.metadata
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -62,7 +66,95 @@ def test_readme_quickstart_runs_against_the_simulator(tmp_path: Path) -> None:
     assert "openai.AsyncOpenAI()" in code
     # The simulator answers any model name; only the client and the trace directory change.
     code = code.replace("openai.AsyncOpenAI()", "sim_client()").replace('"traces"', repr(str(tmp_path)))
-    code = "from moa_stream._sim_transport import sim_client\n" + code
+    code = "from moa_stream.testing import sim_client\n" + code
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert "TurnEnd(" in result.stdout  # the print sink saw the turn end
     assert list(tmp_path.glob("*.jsonl"))
+
+
+PACKAGE = ROOT / "moa_stream"
+
+
+def test_all_lists_every_public_name_and_nothing_else() -> None:
+    import moa_stream.testing
+
+    for module in (moa_stream, moa_stream.testing):
+        public = {
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_") and not isinstance(value, types.ModuleType | __future__._Feature)
+        }
+        lazy = {"OTelSink"} if module is moa_stream else set()  # imported on first use (the otel extra)
+        assert public | lazy == set(module.__all__) - {"__version__"}, module.__name__
+        assert module.__all__ == sorted(module.__all__)
+
+
+def test_exported_names_show_the_public_module() -> None:
+    import moa_stream.testing
+
+    assert moa_stream.wrap.__module__ == "moa_stream"
+    assert moa_stream.TurnEnd.__module__ == "moa_stream"
+    assert repr(moa_stream.ConfigError("x")) == "ConfigError('x')"
+    assert moa_stream.OTelSink.__module__ == "moa_stream"
+    assert moa_stream.testing.Simulator.__module__ == "moa_stream.testing"
+    for module in (moa_stream, moa_stream.testing):
+        for name in module.__all__:
+            value = getattr(module, name)
+            if isinstance(value, type | types.FunctionType):
+                assert value.__module__ == module.__name__, name
+
+
+def test_version_is_the_installed_distributions() -> None:
+    assert moa_stream.__version__ == importlib.metadata.version("moa-stream")
+
+
+def _internal_imports(path: Path) -> set[str]:
+    """Every moa_stream module `path` imports, at module level or inside a function, as dotted names."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    if path.name == "__init__.py":
+        module = package
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            found.add(target)
+            # `from . import x` and `from .pkg import mod` may name modules too
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moa_stream"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("moa_stream"))
+    return {name for name in found if name != module}
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    paths = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in PACKAGE.rglob("*.py")
+    }
+    # Importing any module imports the package first; that is Python's doing, not an edge of ours.
+    graph = {
+        name: {t for t in _internal_imports(path) if t in paths and t != "moa_stream"} for name, path in paths.items()
+    }
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        assert name not in visiting, "import cycle: " + " -> ".join([*visiting[visiting.index(name) :], name])
+        visiting.append(name)
+        for target in sorted(graph[name]):
+            visit(target)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+    assert len(done) > 40  # the walk saw the package
+
+
+def test_no_module_is_over_450_lines() -> None:
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: size for name, size in sizes.items() if size > 450} == {}

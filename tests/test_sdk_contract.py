@@ -1,0 +1,101 @@
+"""The openai SDK's and its HTTP library's private details that `moa_stream._sdk` relies on, one by one.
+
+When an SDK upgrade moves one of them, this file fails first and names it; `_sdk` is the one module
+to change. They hold on openai 2.x (httpx) and 3.x (httpx2) alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import ModuleType
+
+import openai
+import pytest
+
+from moa_stream._sdk import default_http_module, find_engine, for_module, http_module_of, install, route_of, specialize
+from moa_stream.testing import Simulator, sim_client
+
+
+def test_the_sdk_names_its_http_module() -> None:
+    import openai._base_client as base
+
+    http = default_http_module()
+    assert isinstance(http, ModuleType)
+    assert getattr(base, http.__name__) is http
+    assert http.__name__ == ("httpx2" if openai.__version__.startswith("3.") else "httpx")
+
+
+def test_a_client_holds_an_http_client_with_a_transport_and_mounts() -> None:
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://x.invalid/v1")
+    http_client = client._client
+    assert http_module_of(http_client) is default_http_module()
+    assert isinstance(http_client._transport, default_http_module().AsyncBaseTransport)
+    assert isinstance(http_client._mounts, dict)
+    url = http_client.build_request("POST", "http://x.invalid/v1/chat/completions").url
+    assert http_client._transport_for_url(url) is http_client._transport
+
+
+def test_copy_keeps_the_http_client_it_is_given_and_its_class() -> None:
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://x.invalid/v1")
+    seen = []
+    copied = install(client, lambda inner: seen.append(inner) or inner)
+    assert seen == [client._client._transport]
+    assert copied._client is not client._client
+    assert type(copied) is type(client)
+    assert type(copied.with_options(timeout=3)) is type(client)
+
+
+def test_the_methods_the_client_subclass_overrides_exist_with_their_signatures() -> None:
+    cls = openai.AsyncOpenAI
+    assert list(inspect.signature(cls._process_response_data).parameters) == ["self", "data", "cast_to", "response"]
+    assert list(inspect.signature(cls._make_status_error).parameters) == ["self", "err_msg", "body", "response"]
+    assert list(inspect.signature(cls._make_sse_decoder).parameters) == ["self"]
+    # AsyncStream asks its client for the decoder, and reads only these of an event.
+    assert "client._make_sse_decoder()" in inspect.getsource(openai.AsyncStream.__init__)
+    assert "self._decoder.aiter_bytes(" in inspect.getsource(openai.AsyncStream._iter_events)
+
+
+@pytest.mark.parametrize(("fast", "budget"), [(True, False), (False, True), (True, True)])
+def test_the_client_class_can_be_switched_to_a_subclass(fast: bool, budget: bool) -> None:
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://x.invalid/v1")
+    specialize(client, fast=fast, budget=budget)
+    assert isinstance(client, openai.AsyncOpenAI)
+    assert type(client) is not openai.AsyncOpenAI
+    assert type(client.with_options(timeout=3)) is type(client)  # copies build `self.__class__`
+
+
+def test_credentials_and_default_headers_are_readable() -> None:
+    client = openai.AsyncOpenAI(api_key="sk-contract", base_url="http://x.invalid/v1", default_headers={"x-a": "b"})
+    assert client.auth_headers == {"Authorization": "Bearer sk-contract"}
+    assert client.default_headers["x-a"] == "b"
+    http, transport, request = route_of(client, "chat/completions")
+    assert http is default_http_module()
+    assert str(request.url) == "http://x.invalid/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-contract"
+    assert transport is client._client._transport
+
+
+async def test_a_wrapped_client_is_found_and_unwrapped_by_its_marker() -> None:
+    import moa_stream
+
+    bare = sim_client(Simulator())
+    wrapped = moa_stream.wrap(bare)
+    engine = find_engine(wrapped)
+    assert engine is not None
+    assert find_engine(wrapped.with_options(max_retries=0)) is engine
+    assert find_engine(bare) is None
+    _, transport, _ = route_of(wrapped, "chat/completions")
+    assert transport is bare._client._transport  # a slot with this client is not metered twice
+    await wrapped.close()
+
+
+def test_classes_are_made_once_per_http_module() -> None:
+    class Probe:
+        pass
+
+    http = default_http_module()
+    made = for_module(Probe, http, "AsyncByteStream")
+    assert made is for_module(Probe, http, "AsyncByteStream")
+    assert issubclass(made, Probe)
+    assert issubclass(made, http.AsyncByteStream)
+    assert made._http is http  # type: ignore[attr-defined]
