@@ -2,8 +2,10 @@
 
 Like `httpx.MockTransport`, it is the test double users need: `sim_client()` is an
 `openai.AsyncOpenAI` answered in-process (no sockets), `SimServer` serves the same simulator over real
-HTTP on loopback (`moa-stream sim` from the command line). Output is deterministic per request; each
-`SimModel` has its own latency profile and may inject a `Fault` (also per request, with the
+HTTP on loopback (`moa-stream sim` from the command line). It serves chat completions and the
+Responses API (`/responses`: create, streamed or not, `previous_response_id`, background responses to
+retrieve, resume or cancel), each as OpenAI puts it on the wire. Output is deterministic per request;
+each `SimModel` has its own latency profile and may inject a `Fault` (also per request, with the
 `x-sim-fault: <kind>[;after=N][;stall=S]` header).
 """
 

@@ -31,24 +31,27 @@ _SEEN = 1000
 
 class Fault(msgspec.Struct, frozen=True, kw_only=True):
     """A failure the simulator injects: into every request for a model (`SimModel.fault`) or into
-    one request (header `x-sim-fault: <kind>[;after=N][;stall=S]`, or `none` to switch it off).
+    one request (header `x-sim-fault: <kind>[;after=N][;stall=S]`, or `none` to switch it off), on
+    chat completions and Responses create requests alike.
 
     Kinds: `http_429`/`http_500` answer with that status before any byte; after `after_chunks`
-    chunk events, `disconnect` drops the connection, `stall` goes silent for `stall_s`, `malformed`
+    SSE events, `disconnect` drops the connection, `stall` goes silent for `stall_s`, `malformed`
     sends one event that is not JSON and carries on, `stream_error` sends an in-stream error event
-    and ends without [DONE], `invalid_utf8` sends the next event together with one whose text holds
-    half a multibyte character, in one read, and ends; `reject_stream_options` is a 400 for requests
-    carrying `stream_options`; `no_usage` never reports usage (like the llama.cpp server);
+    and ends without [DONE] (Responses: an `error` event, and no terminal event), `invalid_utf8`
+    sends the next event together with one whose text holds half a multibyte character, in one
+    read, and ends; `reject_stream_options` is a 400 for chat requests carrying `stream_options`;
+    `no_usage` never reports usage (like the llama.cpp server; Responses say `usage: null`);
     `usage_unasked` reports it whether asked or not (like vLLM with `--enable-force-include-usage`:
     a usage chunk always, no `usage` key on the others); `echo_key` is a 401 whose message echoes
     the request's credentials (as some gateways do). Non-streamed requests: a stall delays the
-    reply, disconnect drops it, malformed and invalid_utf8 garble it.
+    reply, disconnect drops it, malformed and invalid_utf8 garble it. Responses have no usage to
+    ask for, so `reject_stream_options` and `usage_unasked` change nothing there.
     """
 
     kind: FaultKind
     """What goes wrong (see above)."""
     after_chunks: int = 0
-    """For disconnect/stall/malformed/stream_error: how many SSE chunk events are sent first."""
+    """For disconnect/stall/malformed/stream_error/invalid_utf8: how many SSE events are sent first."""
     stall_s: float = 3600.0
     """For stall: how long the stream goes silent."""
 
@@ -67,7 +70,7 @@ class SimModel(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     """The model name clients request."""
     ttft_s: float = 0.0
-    """Delay before the first chunk (for non-streamed requests: before the response)."""
+    """Delay before the first chunk (Responses: before the first delta; non-streamed: before the reply)."""
     tokens_per_s: float = 0.0
     """Generation speed; 0 means no delay between tokens."""
     jitter: float = 0.0
@@ -75,7 +78,7 @@ class SimModel(msgspec.Struct, frozen=True, kw_only=True):
     reply_tokens: int = 24
     """Reply length in words when the request sets no max_tokens/max_completion_tokens below it."""
     reasoning_tokens: int = 0
-    """Words of `reasoning_content` streamed before the content (and counted in usage)."""
+    """Words of `reasoning_content` (Responses: a reasoning summary) before the content, counted in usage."""
     fault: Fault | None = None
     """Injected into every request for this model unless the request's `x-sim-fault` overrides it."""
 
@@ -112,7 +115,7 @@ class SimStats:
     max_open_streams: int = 0
     """The most response bodies that were open at once."""
     requests_by_model: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Chat-completion requests per requested model name."""
+    """Chat-completion and Responses create requests per requested model name."""
     rejected_stream_options: int = 0
     """Requests answered 400 by the `reject_stream_options` fault."""
 

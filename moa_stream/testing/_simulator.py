@@ -1,4 +1,5 @@
-"""The embedded OpenAI-compatible simulator: deterministic chat completions, scripted latency, faults.
+"""The embedded OpenAI-compatible simulator: deterministic chat completions and Responses, scripted
+latency, faults.
 
 Pure core with no HTTP library: `Simulator.handle` turns (method, path, headers, body) into a status,
 headers and an async iterator of body bytes, so the in-process transport and the loopback server
@@ -8,71 +9,62 @@ share one implementation. It is the default upstream of the demo, the tests and 
 from __future__ import annotations
 
 import collections
-import itertools
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
 
 import anyio
 import msgspec
 
-from .._errors import error_json
-from ._chat import (
-    BROKEN_UTF8,
-    CREATED,
-    DONE,
-    INVALID_UTF8_EVENT,
-    MALFORMED,
-    MALFORMED_JSON,
-    STREAM_ERROR,
-    completion,
-    plan,
-    stream_events,
-    validate,
-)
-from ._models import _MID_STREAM_FAULTS, Fault, SimDisconnect, SimModel, SimResponse, SimStats, SimTimeout, parse_fault
+from ._bodies import CHAT, RESPONSES, Bodies
+from ._chat import CREATED, completion, plan, stream_events, validate
+from ._models import Fault, SimModel, SimResponse, parse_fault
+from ._responses import Kept, ResponseStore, chat_request, id_for, reply_messages
+from ._responses import validate as validate_responses
+from ._responses_wire import Rendition
 
 _SEEN = 1000
-_json = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
+_RESPONSES_ROUTE: Final = re.compile(r"/responses(?:/(?P<id>[^/]+)(?P<cancel>/cancel)?)?$")
 
 
-class Simulator:
-    """An OpenAI-compatible chat-completions server without the network.
+class Simulator(Bodies):
+    """An OpenAI-compatible chat-completions and Responses server without the network.
 
-    Routes: `POST .../chat/completions` and `GET .../models`; anything else is a 404 in OpenAI's
-    error shape. Output is a deterministic function of (model, messages, seed, temperature).
-    Unknown model names use `default` (or a zero-latency `SimModel` of that name).
+    Routes: `POST .../chat/completions`, `GET .../models`, and the Responses API: `POST .../responses`,
+    `GET .../responses/{id}` (with `?stream=true[&starting_after=N]` it replays a background
+    response's events) and `POST .../responses/{id}/cancel`; anything else is a 404 in OpenAI's
+    error shape, and so is every Responses route with `responses=False` (an upstream without it).
+    Output is a deterministic function of (model, messages, seed, temperature); a Responses request
+    is planned as the equivalent chat request. The last 1,000 responses are kept by id, for
+    `previous_response_id`, `retrieve` and `cancel`; a background one finishes once its simulated
+    generation time has passed on the event loop's clock. Unknown model names use `default` (or a
+    zero-latency `SimModel` of that name).
     """
 
-    def __init__(self, models: Iterable[SimModel] = (), *, default: SimModel | None = None) -> None:
+    def __init__(
+        self, models: Iterable[SimModel] = (), *, default: SimModel | None = None, responses: bool = True
+    ) -> None:
+        super().__init__()
         self._models: dict[str, SimModel] = {}
         for model in models:
             if model.name in self._models:
                 raise ValueError(f"Simulator models: duplicate model name {model.name!r}")
             self._models[model.name] = model
         self._default = default
-        self.stats = SimStats()
         # Bounded, so that a long load run does not grow without end.
         self.requests_seen: collections.deque[Any] = collections.deque(maxlen=_SEEN)
-        """Decoded JSON bodies of the last chat requests received, in order."""
+        """Decoded JSON bodies of the last chat and Responses create requests received, in order."""
         self.headers_seen: collections.deque[dict[str, str]] = collections.deque(maxlen=_SEEN)
-        """Headers of the last chat requests received (names lower-cased), in order."""
-        self._idle: anyio.Event | None = None
+        """Headers of the last chat and Responses create requests received (names lower-cased), in order."""
+        self._responses = responses
+        self._kept = ResponseStore()
 
     @property
     def models(self) -> tuple[SimModel, ...]:
         """The named models, as listed by `GET /models`."""
         return tuple(self._models.values())
-
-    async def wait_idle(self) -> None:
-        """Return once no response body is open; lets tests wait for cleanup without sleeping.
-
-        Call it from the event loop that iterates the bodies (the event is not thread-safe).
-        """
-        while self.stats.open_streams:
-            if self._idle is None:
-                self._idle = anyio.Event()
-            await self._idle.wait()
 
     async def handle(
         self,
@@ -96,6 +88,15 @@ class Simulator:
             return await self._chat(request_id, path, headers, body, read_timeout)
         if method == "GET" and route.endswith("/models"):
             return self._json(200, request_id, self._model_list())
+        matched = _RESPONSES_ROUTE.search(route) if self._responses else None
+        if matched is not None:
+            kept_id, cancel = matched["id"], matched["cancel"] is not None
+            if method == "POST" and kept_id is None:
+                return await self._create_response(request_id, path, headers, body, read_timeout)
+            if method == "GET" and kept_id is not None and not cancel:
+                return self._retrieve_response(request_id, kept_id, path.partition("?")[2], read_timeout)
+            if method == "POST" and kept_id is not None and cancel:
+                return self._cancel_response(request_id, kept_id)
         return self._error(404, request_id, f"Invalid URL ({method} {path})")
 
     # -- chat completions -------------------------------------------------------------------
@@ -103,6 +104,37 @@ class Simulator:
     async def _chat(
         self, request_id: str, path: str, headers: Mapping[str, str], body: bytes, read_timeout: float | None
     ) -> SimResponse:
+        accepted = self._accept(request_id, path, headers, body, validate, chat=True)
+        if isinstance(accepted, SimResponse):
+            return accepted
+        request, model, fault = accepted
+        planned = plan(model, request["model"], request)
+        kind = fault.kind if fault is not None else None
+        include_usage = kind != "no_usage"
+        if not request.get("stream"):
+            delay = planned.ttft_s + planned.token_delay_s * max(planned.token_events() - 1, 0)
+            document = completion(planned, include_usage=include_usage)
+            return await self._whole(request_id, document, delay, fault, read_timeout)
+
+        options = request.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        forced = kind == "usage_unasked"
+        events = stream_events(
+            planned, usage_chunk=include_usage and (asked or forced), null_usage=asked and not forced
+        )
+        return self._sse(request_id, self._stream(events, fault, read_timeout, CHAT))
+
+    def _accept(
+        self,
+        request_id: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        check: Callable[[dict[str, Any]], tuple[str, str] | None],
+        *,
+        chat: bool,
+    ) -> SimResponse | tuple[dict[str, Any], SimModel, Fault | None]:
+        """A create request's decoded body, model and fault; or the error it is answered with."""
         try:
             request = _decoder.decode(body)
         except msgspec.DecodeError as exc:
@@ -111,13 +143,13 @@ class Simulator:
             return self._error(400, request_id, "The request body must be a JSON object.")
         self.requests_seen.append(request)
         self.headers_seen.append({k.lower(): v for k, v in headers.items()})
-        problem = validate(request)
+        problem = check(request)
         if problem is not None:
             return self._error(400, request_id, problem[1], param=problem[0])
         name: str = request["model"]
         self.stats.requests_by_model[name] = self.stats.requests_by_model.get(name, 0) + 1
-        model = self._resolve(name)
 
+        model = self._resolve(name)
         fault = model.fault
         override = next((v for k, v in headers.items() if k.lower() == "x-sim-fault"), None)
         if override is not None:
@@ -126,45 +158,75 @@ class Simulator:
             except ValueError as exc:
                 return self._error(400, request_id, f"Invalid x-sim-fault header: {exc}")
         if fault is not None:
-            rejected = self._reject(fault, request_id, request, path, headers)
+            rejected = self._reject(fault, request_id, request, path, headers, chat=chat)
             if rejected is not None:
                 return rejected
+        return request, model, fault
 
-        planned = plan(model, name, request)
-        kind = fault.kind if fault is not None else None
-        include_usage = kind != "no_usage"
-        if not request.get("stream"):
-            # Without a stream, "after N chunks" has no meaning: a stall delays the whole reply, a
-            # disconnect drops it, malformed garbles it, and stream_error does not apply.
-            delay = planned.ttft_s + planned.token_delay_s * max(planned.token_events() - 1, 0)
-            if fault is not None and kind == "stall":
-                delay += fault.stall_s
-            if delay > 0:
-                await _wait(delay, read_timeout)
-            document = completion(planned, include_usage=include_usage)
-            garbled = None
-            if kind == "malformed":
-                garbled = MALFORMED_JSON
-            elif kind == "invalid_utf8":
-                garbled = _json.encode(document).replace(b'"id":"', b'"id":"' + BROKEN_UTF8, 1)
-            return self._json(200, request_id, document, payload=garbled, drop=kind == "disconnect")
+    # -- responses ------------------------------------------------------------------------------
 
-        options = request.get("stream_options")
-        asked = isinstance(options, dict) and options.get("include_usage") is True
-        forced = kind == "usage_unasked"
-        events = stream_events(
-            planned, usage_chunk=include_usage and (asked or forced), null_usage=asked and not forced
-        )
-        mid_stream = fault if fault is not None and fault.kind in _MID_STREAM_FAULTS else None
-        sse_headers = [
-            ("content-type", "text/event-stream"),
-            ("cache-control", "no-cache"),
-            ("x-request-id", request_id),
-        ]
-        return SimResponse(status=200, headers=sse_headers, body=self._stream(events, mid_stream, read_timeout))
+    async def _create_response(
+        self, request_id: str, path: str, headers: Mapping[str, str], body: bytes, read_timeout: float | None
+    ) -> SimResponse:
+        accepted = self._accept(request_id, path, headers, body, validate_responses, chat=False)
+        if isinstance(accepted, SimResponse):
+            return accepted
+        request, model, fault = accepted
+        history: list[dict[str, Any]] = []
+        previous_id = request.get("previous_response_id")
+        if previous_id is not None:
+            previous = self._kept.get(previous_id)
+            if previous is None:
+                message = f"Previous response with id '{previous_id}' not found."
+                return self._error(400, request_id, message, param="previous_response_id")
+            history = previous.conversation
+        chat, conversation = chat_request(request, history)
+        if not chat["messages"]:
+            return self._error(400, request_id, "'input' must hold at least one message", param="input")
+        planned = plan(model, request["model"], chat)
+        include_usage = fault is None or fault.kind != "no_usage"
+        rendition = Rendition(id=id_for(request), plan=planned, request=request, include_usage=include_usage)
+        kept = Kept(rendition, [*conversation, *reply_messages(planned)], rendition.events(), anyio.current_time())
+        if request.get("store") is not False or rendition.background:
+            self._kept.keep(kept)
+        if request.get("stream"):
+            events = kept.replay(-1) if rendition.background else iter(kept.events)
+            return self._sse(request_id, self._stream(events, fault, read_timeout, RESPONSES))
+        if rendition.background:
+            return await self._whole(request_id, rendition.document("queued"), 0.0, fault, read_timeout)
+        return await self._whole(request_id, rendition.document(), kept.duration, fault, read_timeout)
+
+    def _retrieve_response(self, request_id: str, kept_id: str, query: str, read_timeout: float | None) -> SimResponse:
+        kept = self._kept.get(kept_id)
+        if kept is None:
+            return self._error(404, request_id, f"Response with id '{kept_id}' not found.")
+        params = urllib.parse.parse_qs(query)
+        if params.get("stream", ["false"])[-1] != "true":
+            return self._json(200, request_id, kept.document())
+        if not kept.rendition.background:
+            message = "This response cannot be streamed because it was not created with background=true."
+            return self._error(400, request_id, message, param="stream")
+        try:
+            after = int(params.get("starting_after", ["-1"])[-1])
+        except ValueError:
+            return self._error(400, request_id, "'starting_after' must be an integer", param="starting_after")
+        return self._sse(request_id, self._stream(kept.replay(after), None, read_timeout, RESPONSES))
+
+    def _cancel_response(self, request_id: str, kept_id: str) -> SimResponse:
+        kept = self._kept.get(kept_id)
+        if kept is None:
+            return self._error(404, request_id, f"Response with id '{kept_id}' not found.")
+        return self._json(200, request_id, kept.cancel())
 
     def _reject(
-        self, fault: Fault, request_id: str, request: dict[str, Any], path: str, headers: Mapping[str, str]
+        self,
+        fault: Fault,
+        request_id: str,
+        request: dict[str, Any],
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        chat: bool,
     ) -> SimResponse | None:
         """The faults that answer with an HTTP error before any byte of the body."""
         if fault.kind == "echo_key":
@@ -192,7 +254,8 @@ class Simulator:
                 "The server had an error while processing your request (simulated).",
                 type_="server_error",
             )
-        if fault.kind == "reject_stream_options" and "stream_options" in request:
+        # The Responses API has no include_usage in its stream_options: nothing there to reject.
+        if fault.kind == "reject_stream_options" and chat and "stream_options" in request:
             self.stats.rejected_stream_options += 1
             return self._error(
                 400,
@@ -208,107 +271,12 @@ class Simulator:
             return model
         return self._default if self._default is not None else SimModel(name=name)
 
-    # -- bodies ---------------------------------------------------------------------------------
-
-    async def _stream(
-        self, events: Iterator[tuple[bytes, float]], fault: Fault | None, read_timeout: float | None
-    ) -> AsyncIterator[bytes]:
-        self._stream_opened()
-        try:
-            # The trailing None is the [DONE] slot, so a fault whose `after_chunks` is past the
-            # last chunk still fires (instead of [DONE]).
-            for sent, (event, delay) in enumerate(itertools.chain(events, ((None, 0.0),))):
-                if fault is not None and sent == fault.after_chunks:
-                    kind, stall_s, fault = fault.kind, fault.stall_s, None
-                    if kind == "disconnect":
-                        raise SimDisconnect(f"simulated disconnect after {sent} chunks")
-                    if kind == "stream_error":
-                        yield STREAM_ERROR
-                        return
-                    if kind == "invalid_utf8":  # several events in one read, the last one broken
-                        yield (event or b"") + INVALID_UTF8_EVENT
-                        return
-                    if kind == "malformed":
-                        yield MALFORMED
-                    else:
-                        delay += stall_s
-                if delay:
-                    await _wait(delay, read_timeout)
-                if event is None:
-                    yield DONE
-                    return
-                yield event
-        finally:
-            self._stream_closed()
-
-    async def _single(self, payload: bytes, *, drop: bool = False) -> AsyncIterator[bytes]:
-        self._stream_opened()
-        try:
-            if drop:
-                raise SimDisconnect("simulated disconnect before the body")
-            yield payload
-        finally:
-            self._stream_closed()
-
-    def _stream_opened(self) -> None:
-        self.stats.open_streams += 1
-        self.stats.max_open_streams = max(self.stats.max_open_streams, self.stats.open_streams)
-
-    def _stream_closed(self) -> None:
-        self.stats.open_streams -= 1
-        if self.stats.open_streams == 0 and self._idle is not None:
-            self._idle.set()
-            self._idle = None
-
-    def _json(
-        self,
-        status: int,
-        request_id: str,
-        document: Any,
-        extra: Iterable[tuple[str, str]] = (),
-        *,
-        payload: bytes | None = None,
-        drop: bool = False,
-    ) -> SimResponse:
-        """A JSON response; `payload` replaces the encoded document (malformed fault), `drop`
-        cuts the connection after the headers (disconnect fault)."""
-        if payload is None:
-            payload = _json.encode(document)
-        headers = [
-            ("content-type", "application/json"),
-            ("content-length", str(len(payload))),
-            ("x-request-id", request_id),
-            *extra,
-        ]
-        return SimResponse(status=status, headers=headers, body=self._single(payload, drop=drop))
-
-    def _error(
-        self,
-        status: int,
-        request_id: str,
-        message: str,
-        *,
-        type_: str | None = None,
-        param: str | None = None,
-        code: str | None = None,
-        extra: Iterable[tuple[str, str]] = (),
-    ) -> SimResponse:
-        payload = error_json(status, message, type_=type_, param=param, code=code)
-        return self._json(status, request_id, None, extra, payload=payload)
-
     def _model_list(self) -> dict[str, Any]:
         data = [
             {"id": m.name, "object": "model", "created": CREATED, "owned_by": "moa-stream-sim"}
             for m in self._models.values()
         ]
         return {"object": "list", "data": data}
-
-
-async def _wait(delay: float, read_timeout: float | None) -> None:
-    if read_timeout is not None and delay > read_timeout:
-        await anyio.sleep(read_timeout)
-        raise SimTimeout(f"simulated read timeout: no data for {read_timeout} s")
-    await anyio.sleep(delay)
 
 
 def default_simulator() -> Simulator:

@@ -41,9 +41,11 @@ class SimTransport:
         """Serve one `http_module.Request` from the simulator (the client's transport hook)."""
         body = await request.aread()
         read_timeout = (request.extensions.get("timeout") or {}).get("read")
+        # raw_path keeps the query string (Responses' `?stream=true&starting_after=N`), as a socket would.
+        target = request.url.raw_path.decode("ascii")
         try:
             response = await self.simulator.handle(
-                request.method, request.url.path, request.headers, body, read_timeout=read_timeout
+                request.method, target, request.headers, body, read_timeout=read_timeout
             )
         except SimTimeout as exc:
             raise self._module.ReadTimeout(str(exc), request=request) from exc
