@@ -32,7 +32,8 @@ class _ToolCallParts:
 
 
 class CallBuffer:
-    """Accumulates the first choice of a chat completion, whether streamed or not.
+    """Accumulates what a model said in one call: the first choice of a chat completion, or the
+    output of a Responses call (see `_responses_wire`), whether streamed or not.
 
     Holds text fragments, never chunk objects, so memory is proportional to what the model said.
     """
@@ -44,8 +45,10 @@ class CallBuffer:
         "_tools",
         "error",
         "finish_reason",
+        "item_done",
         "model",
         "output_chunks",
+        "previous_response_id",
         "response_id",
         "system_fingerprint",
         "usage",
@@ -60,10 +63,14 @@ class CallBuffer:
         self.response_id: str | None = None
         self.model: str | None = None
         self.system_fingerprint: str | None = None
-        self.usage: WireUsage | None = None
+        self.usage: WireUsage | Any = None
+        """The upstream's usage report: chat's `WireUsage`, or a Responses usage object."""
         self.error: str | None = None
         self.output_chunks = 0
         """Chunks that carried output: the basis of the token estimate when no usage arrives."""
+        self.item_done = False
+        """A Responses output item was finished (the answer is there, its terminal event may follow)."""
+        self.previous_response_id: str | None = None
 
     # -- streamed input -------------------------------------------------------------------------
 
@@ -73,6 +80,32 @@ class CallBuffer:
         if chunk is not None:
             self.add_chunk(chunk)
         return chunk
+
+    def decode(self, data: bytes | str, decoder: msgspec.json.Decoder[_S], where: str) -> _S | None:
+        """`data` decoded (leniently when a field has an unexpected type); None, with `error` set,
+        when it is not JSON or not UTF-8."""
+        return self._decode(data, decoder, decoder.type, where)
+
+    def add_text(self, text: str) -> None:
+        self._content.append(text)
+
+    def add_reasoning(self, text: str) -> None:
+        self._reasoning.append(text)
+
+    def add_refusal(self, text: str) -> None:
+        self._refusal.append(text)
+
+    def clear_output(self) -> None:
+        """Forget what was said so far (a whole answer that follows replaces it)."""
+        self._content, self._reasoning, self._refusal, self._tools = [], [], [], {}
+        self.output_chunks = 0
+
+    def tool_parts(self, index: int) -> _ToolCallParts:
+        """The tool call at `index`, made on first sight."""
+        parts = self._tools.get(index)
+        if parts is None:
+            parts = self._tools[index] = _ToolCallParts(index)
+        return parts
 
     def _decode(self, data: bytes | str, decoder: msgspec.json.Decoder[_S], cls: type[_S], where: str) -> _S | None:
         try:
@@ -128,10 +161,7 @@ class CallBuffer:
 
     def _add_tool_deltas(self, deltas: list[WireToolCall]) -> None:
         for position, delta in enumerate(deltas):
-            index = delta.index if delta.index is not None else position
-            parts = self._tools.get(index)
-            if parts is None:
-                parts = self._tools[index] = _ToolCallParts(index)
+            parts = self.tool_parts(delta.index if delta.index is not None else position)
             if delta.id:
                 parts.id = delta.id
             function = delta.function

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from ._background import BackgroundResponses
 from ._budget import Budget, BudgetPolicy
 from ._cadence import ReferenceCache
 from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
@@ -32,6 +33,7 @@ from ._sidecar import SessionChanged, SidecarWriter
 from ._slots import DEFAULT_UPSTREAM_CONCURRENCY, SlotUpstreams
 from ._totals import Totals
 from ._traces import TraceWriter
+from ._transcripts import Transcripts
 
 _SIDECAR_SINK = "session_store"
 
@@ -64,6 +66,8 @@ class Engine:
         self.drain_timeout = drain_timeout
         self.redactor = redactor
         self.quirks = UpstreamQuirks()
+        self.background = BackgroundResponses()
+        self.transcripts = Transcripts()
         self.presets = dict(presets or {})
         self.caches = {
             name: ReferenceCache(entries=preset.cache_entries, ttl_s=preset.cache_ttl_s)
@@ -153,8 +157,17 @@ class Engine:
             for warning in policy.warnings(usage, session, turn, first_unpriced=first_unpriced):
                 self.dispatcher.offer(warning)
 
+    def hold_background(self, call: Call) -> None:
+        self.background.hold(call)
+
     def turn_ended(self, turn: Turn, end: TurnEnd, trace: TurnTrace) -> None:
         self._open_turns.discard(turn)
+        moa = turn.moa
+        if moa is not None and moa.conversation is not None and end.status == "completed":
+            answer = next((record for record in reversed(trace.calls) if record.role == "aggregator"), None)
+            served = moa.served_id or (answer.response_id if answer is not None else None)
+            if answer is not None and served is not None:
+                self.transcripts.record(served, moa.conversation, answer.output)
         self.sessions.record(end)
         self.dispatcher.offer(end)
         self.dispatcher.offer(trace)
@@ -199,7 +212,8 @@ class Engine:
         with anyio.CancelScope(shield=True):
             await self._finish_tails()
             for call in list(self._open_calls):
-                call.end("closed_early")
+                held, call.held = call.held, False
+                call.end("closed_early", "the client closed before its background response finished" if held else None)
             for turn in list(self._open_turns):
                 turn.cut_short()
             self._state = _State.CLOSED

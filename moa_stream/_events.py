@@ -21,6 +21,9 @@ UsageSource = Literal["reported", "estimated", "missing"]
 """Where token counts come from: the upstream's usage data, our estimate from the text (the
 upstream sent none), or nowhere (the call failed before any output; the counts are None)."""
 
+Api = Literal["chat", "responses"]
+"""The upstream API a call spoke: chat completions, or the Responses API."""
+
 OutputSource = Literal["inline", "inline_from_stream", "partial_stream", "none"]
 """Where a call's recorded output came from: a non-streamed body, a stream read to its end, a stream
 that ended early, or nothing (no output was received)."""
@@ -77,6 +80,8 @@ class CallUsage(_Record, tag="call_usage", tag_field="type", kw_only=True, froze
     """What went wrong, for status `error` (HTTP status and message, exception, stream error)."""
     http_status: int | None = None
     """HTTP status code of the upstream response (None when no response arrived)."""
+    api: Api = "chat"
+    """`chat` (chat completions) or `responses` (the Responses API)."""
 
 
 class TurnEnd(_Record, tag="turn_end", tag_field="type", kw_only=True, frozen=True):
@@ -168,9 +173,21 @@ class CallRecord(_Record, kw_only=True, frozen=True):
     output_source: OutputSource
     """`inline`, `inline_from_stream`, `partial_stream` or `none`; see `OutputSource`."""
     finish_reason: str | None = None
-    """The upstream's finish_reason, if it sent one."""
+    """The upstream's finish_reason, if it sent one (for the Responses API: the response's final
+    status, or the reason it is incomplete, such as `max_output_tokens`)."""
     usage: CallUsage
     """The call's usage event (tokens, cost, timing, status, error)."""
+    api: Api = "chat"
+    """`chat`, or `responses`: then `input_messages` holds the `input` items as sent (a string input
+    as one user message), and the fields below the rest of the request."""
+    instructions: str | None = None
+    """Responses API: the `instructions` sent."""
+    tools: list[Any] = []
+    """Responses API: the tools offered."""
+    previous_response_id: str | None = None
+    """Responses API: the response this one continues (a conversation chain across trace lines)."""
+    response_id: str | None = None
+    """Responses API: the id of the response (what a later call's `previous_response_id` names)."""
 
 
 class ReferenceStarted(_Record, tag="reference_started", tag_field="type", kw_only=True, frozen=True):

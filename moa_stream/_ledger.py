@@ -118,7 +118,8 @@ class SessionStore:
         """Count one more call in flight for the session, unless `refusal` (a budget's check of its
         totals) names a limit, which is raised and nothing is counted. Each admitted call is
         released exactly once, by `record` of its usage."""
-        with self._session(session_id) as found:
+        with self._lock:
+            found = self._found(session_id)
             if refusal is not None:
                 breach = refusal(found.ledger.totals, found.ledger.totals.calls + found.in_flight)
                 if breach is not None:
@@ -128,23 +129,24 @@ class SessionStore:
     def record(self, event: CallUsage | TurnEnd) -> tuple[Totals, Totals] | None:
         """Add a call's usage (releasing its admission) or a turn to its session; for a call, the
         session's totals before and after. Never raises: it runs as calls end."""
-        try:
-            with self._session(event.session_id) as found:
-                ledger = found.ledger
-                found.version += 1
-                if isinstance(event, TurnEnd):
-                    found.ledger = msgspec.structs.replace(ledger, turns=ledger.turns + 1)
-                    return None
-                found.in_flight -= 1
-                found.ledger = msgspec.structs.replace(
-                    ledger,
-                    totals=ledger.totals.plus(event),
-                    by_model={**ledger.by_model, event.model: ledger.by_model.get(event.model, Totals()).plus(event)},
-                    by_role={**ledger.by_role, event.role: ledger.by_role.get(event.role, Totals()).plus(event)},
-                )
-                return ledger.totals, found.ledger.totals
-        except SessionStateError:
-            return None  # the corrupt file was reported when the session was first used
+        with self._lock:
+            try:
+                found = self._found(event.session_id)
+            except SessionStateError:
+                return None  # the corrupt file was reported when the session was first used
+            ledger = found.ledger
+            found.version += 1
+            if isinstance(event, TurnEnd):
+                found.ledger = msgspec.structs.replace(ledger, turns=ledger.turns + 1)
+                return None
+            found.in_flight -= 1
+            found.ledger = msgspec.structs.replace(
+                ledger,
+                totals=ledger.totals.plus(event),
+                by_model={**ledger.by_model, event.model: ledger.by_model.get(event.model, Totals()).plus(event)},
+                by_role={**ledger.by_role, event.role: ledger.by_role.get(event.role, Totals()).plus(event)},
+            )
+            return ledger.totals, found.ledger.totals
 
     def warn_once(self, session_id: str, key: str) -> bool:
         """True the first time `key` is asked for the session, False after."""
@@ -196,14 +198,18 @@ class SessionStore:
     def _session(self, session_id: str) -> Iterator[_Session]:
         """The session, loaded from its sidecar on first sight, locked for the block."""
         with self._lock:
-            found = self._sessions.get(session_id)
-            if found is None:
-                found = self._sessions[session_id] = self._read(session_id)
-                if len(self._sessions) > self.max_sessions:
-                    self._evict(keep=session_id)
-            else:
-                self._sessions.move_to_end(session_id)
-            yield found
+            yield self._found(session_id)
+
+    def _found(self, session_id: str) -> _Session:
+        """The session (the lock held), loaded from its sidecar on first sight."""
+        found = self._sessions.get(session_id)
+        if found is None:
+            found = self._sessions[session_id] = self._read(session_id)
+            if len(self._sessions) > self.max_sessions:
+                self._evict(keep=session_id)
+        else:
+            self._sessions.move_to_end(session_id)
+        return found
 
     def _read(self, session_id: str) -> _Session:
         path = self.path_for(session_id)

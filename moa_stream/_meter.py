@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -28,6 +28,7 @@ from ._events import (
     TurnEnd,
     TurnTrace,
 )
+from ._facts import MoaFacts, ResponsesRequest
 from ._pricing import PriceTable
 from ._redact import Redactor, redact_trace, scrub, secret_redactor
 from ._totals import Totals
@@ -57,13 +58,8 @@ class Owner(Protocol):
     def finish_later(self, work: Coroutine[Any, Any, None], *, fallback: Callable[[], None]) -> bool:
         """Run bounded `work` off the caller's path, or say it cannot (see `Engine.finish_later`)."""
 
-
-class MoaFacts(msgspec.Struct, frozen=True, kw_only=True):
-    """What a MoA turn adds to its trace record (see `TurnTrace`)."""
-
-    preset: str
-    cadence: Literal["hit", "miss"] | None = None
-    aggregator_wait_s: float | None = None
+    def hold_background(self, call: Call) -> None:
+        """Keep `call` open until its background response's final status is seen."""
 
 
 class Turn:
@@ -110,9 +106,11 @@ class Turn:
         streamed: bool,
         main: bool = False,
         secrets: tuple[str, ...] = (),
+        responses: ResponsesRequest | None = None,
     ) -> Call:
         """Start a call; `main` marks the one whose output the caller receives; `secrets` are the
-        credential values its request carries, kept out of every event and trace.
+        credential values its request carries, kept out of every event and trace; `responses`
+        makes it a Responses API call, with the rest of its request.
 
         Raises `BudgetBreach` (and starts nothing) when a hard budget limit refuses the call, and
         `ClientClosedError` once the client is closed.
@@ -130,6 +128,7 @@ class Turn:
             input_messages=input_messages,
             streamed=streamed,
             secrets=secrets,
+            responses=responses,
         )
         with self._lock:
             totals, started = self._totals, len(self._records) + self._open
@@ -161,6 +160,10 @@ class Turn:
         """End the turn now (its client is closing): no more calls start."""
         self._cut = True
         self.seal()
+
+    @property
+    def moa(self) -> MoaFacts | None:
+        return self._moa
 
     def seal(self, moa: MoaFacts | None = None) -> None:
         """No more calls will start; the turn ends once its open calls have. A MoA turn gives its
@@ -265,12 +268,14 @@ class Call:
         "_t0",
         "buffer",
         "deadline",
+        "held",
         "http_status",
         "input_messages",
         "label",
         "model",
         "provider",
         "request_id",
+        "responses",
         "role",
         "secrets",
         "started_at",
@@ -291,8 +296,10 @@ class Call:
         input_messages: list[Any],
         streamed: bool,
         secrets: tuple[str, ...] = (),
+        responses: ResponsesRequest | None = None,
     ) -> None:
         self.turn = turn
+        self.responses = responses
         self.role: Role = role
         self.label = label
         self.provider = provider
@@ -310,10 +317,19 @@ class Call:
         """(anyio time, seconds): a cancellation at or after that time is this call's timeout."""
         self.secrets = secrets
         """Credential values its request carried: replaced in whatever it records."""
+        self.held = False
+        """A background response: its exchange is over, the call ends when its final status is seen."""
 
     @property
     def ended(self) -> bool:
         return self.usage is not None
+
+    def hold(self) -> None:
+        """The exchange is over but the response is not (a background response): keep the call
+        open, for whichever later request sees its final status (see `_background`)."""
+        if self.usage is None and not self.held:
+            self.held = True
+            self.turn.owner.hold_background(self)
 
     def first_output(self) -> None:
         if self.ttft_s is None:
@@ -332,8 +348,9 @@ class Call:
 
     def end(self, status: CallStatus, error: str | None = None) -> None:
         """Record how the call ended and emit its `CallUsage`. Synchronous, so cancellation or a
-        garbage-collector finalizer can never interrupt it half-way."""
-        if self.usage is not None:
+        garbage-collector finalizer can never interrupt it half-way. A held call (see `hold`) ends
+        only once it is released."""
+        if self.usage is not None or self.held:
             return
         duration = time.perf_counter() - self._t0
         turn = self.turn
@@ -346,9 +363,13 @@ class Call:
                 error = scrub(error, self.secrets)
             if any(secret in text for secret in self.secrets for text in output.texts()):
                 turn._secret_seen = True  # the trace's copy is scrubbed when the turn ends
+        request = self.responses
+        estimated_from = self.input_messages
+        if request is not None and request.instructions:
+            estimated_from = [{"role": "system", "content": request.instructions}, *estimated_from]
         tokens = resolve_tokens(
             buffer,
-            self.input_messages,
+            estimated_from,
             got_response=self.http_status is not None and self.http_status < 400,
             streamed=self.streamed,
         )
@@ -384,6 +405,7 @@ class Call:
             status=status,
             error=error,
             http_status=self.http_status,
+            api="chat" if request is None else "responses",
         )
         record = CallRecord(
             call_id=usage.call_id,
@@ -397,6 +419,15 @@ class Call:
             finish_reason=buffer.finish_reason,
             usage=usage,
         )
+        if request is not None:
+            record = msgspec.structs.replace(
+                record,
+                api="responses",
+                instructions=request.instructions,
+                tools=request.tools,
+                previous_response_id=request.previous_response_id or buffer.previous_response_id,
+                response_id=buffer.response_id,
+            )
         turn._call_ended(self, record)
 
 

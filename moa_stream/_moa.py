@@ -9,33 +9,35 @@ Every request ends one turn, a refused one too; the retry policy is `_retry`'s.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import anyio
 import anyio.abc
 
+from ._aggregator import AggregatorStep, slot_payload
 from ._budget import BudgetBreach
 from ._cadence import CachedReferences, user_turn_key
 from ._engine import Engine
 from ._errors import error_response
-from ._events import Aggregating, CallStatus, ReferenceDone, ReferenceStarted
+from ._events import CallStatus, ReferenceDone, ReferenceStarted
+from ._facts import MoaFacts, ResponsesRequest
 from ._fanout import run_layer
 from ._ledger import SessionStateError
-from ._meter import Call, MoaFacts, Turn
+from ._meter import Call, Turn
 from ._presets import Preset, Slot
 from ._prompt import Reference, inject_references, reference_view
-from ._retry import backoff, retryable_failure, retryable_status
+from ._responses_view import to_messages
 from ._slots import SlotError
-from ._upstream import Upstream, send_chat
+from ._upstream import Upstream, send_chat, send_responses
 
 MOA_PREFIX = "moa:"
 
 
 async def run_moa_turn(
-    engine: Engine, default: Upstream, payload: dict[str, Any], *, body: bytes, session_id: str
+    engine: Engine, default: Upstream, payload: dict[str, Any], *, body: bytes, session_id: str, api: str = "chat"
 ) -> Any:
-    """Answer a `moa:<name>` request: the aggregator's response, teed, or an error response."""
+    """Answer a `moa:<name>` request (chat completions, or `api="responses"`): the aggregator's
+    response, teed, or an error response."""
     model = str(payload["model"])
     try:
         turn = engine.new_turn(session_id=session_id, model=model)
@@ -48,15 +50,23 @@ async def run_moa_turn(
         known = ", ".join(f"moa:{n}" for n in sorted(engine.presets)) or "none are configured"
         message = f"unknown MoA preset {model!r}; presets: {known}"
         return _refused(turn, default, 404, message, param="model", code="model_not_found")
-    messages = payload.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return _refused(turn, default, 400, f"{model}: 'messages' must be a non-empty list", param="messages")
+    if api == "chat":
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _refused(turn, default, 400, f"{model}: 'messages' must be a non-empty list", param="messages")
+    else:
+        given = payload.get("input")
+        if not given or not isinstance(given, str | list):
+            return _refused(turn, default, 400, f"{model}: 'input' must be a non-empty string or list", param="input")
+        previous = payload.get("previous_response_id")
+        earlier = engine.transcripts.get(previous) if isinstance(previous, str) else None
+        messages = [*(earlier or []), *to_messages(payload.get("instructions"), given)]
     try:
         slots = [*(slot for layer in preset.reference_layers() for slot in layer), preset.aggregator_slot()]
         upstreams = {slot.label: engine.slots.upstream_for(slot, default) for slot in slots}
     except SlotError as exc:
         return _refused(turn, default, 500, f"{model}: {exc}")
-    moa = MoaTurn(engine, turn, name, preset, default, payload, messages, upstreams)
+    moa = MoaTurn(engine, turn, name, preset, default, payload, messages, upstreams, api=api)
     try:
         # Stragglers cancelled by the quorum rule wind down in this group while the aggregator's
         # request goes out; leaving it waits for them, after the response has arrived.
@@ -82,8 +92,10 @@ def _refused(
     return error_response(default.http, status, message, param=param, code=code)
 
 
-class MoaTurn:
-    """One `moa:<name>` request being answered: its engine, preset, turn, upstreams and messages."""
+class MoaTurn(AggregatorStep):
+    """One `moa:<name>` request being answered: its engine, preset, turn, upstreams and messages
+    (chat messages, whatever the caller's API). The references are here, the aggregator is
+    `_aggregator.AggregatorStep`'s."""
 
     def __init__(
         self,
@@ -95,8 +107,12 @@ class MoaTurn:
         payload: dict[str, Any],
         messages: list[Any],
         upstreams: dict[str, Upstream],
+        *,
+        api: str = "chat",
     ) -> None:
         self.engine = engine
+        self.api = api
+        """The caller's API: `chat`, or `responses`."""
         self.turn = turn
         self.name = name
         self.model = f"{MOA_PREFIX}{name}"
@@ -107,10 +123,19 @@ class MoaTurn:
         self.upstreams = upstreams
         self.cadence: Literal["hit", "miss"] | None = None
         self.aggregator_wait_s: float | None = None
+        self.served_id: str | None = None
+        """The response id given to the caller, when the answer was bridged from chat completions."""
 
     def seal(self) -> None:
         """No more calls: the turn ends with what it did, and its MoA facts in the trace."""
-        self.turn.seal(MoaFacts(preset=self.name, cadence=self.cadence, aggregator_wait_s=self.aggregator_wait_s))
+        facts = MoaFacts(
+            preset=self.name,
+            cadence=self.cadence,
+            aggregator_wait_s=self.aggregator_wait_s,
+            conversation=self.messages if self.api == "responses" else None,
+            served_id=self.served_id,
+        )
+        self.turn.seal(facts)
 
     def refuse(self, status: int, message: str, *, code: str | None = None) -> Any:
         self.turn.fail(message)
@@ -125,7 +150,7 @@ class MoaTurn:
                 return self.turn.refused.response(self.default.http)
             failures = "; ".join(f"{u.label}: {u.error or _unusable(u.status)}" for u in self.turn.calls_so_far())
             return self.refuse(502, f"{self.model}: every reference failed ({failures})")
-        return await self._aggregate(references, missing, stale, allowed_at)
+        return await self.aggregate(references, missing, stale, allowed_at)
 
     # -- references ----------------------------------------------------------------------------
 
@@ -198,14 +223,16 @@ class MoaTurn:
             try:
                 if turn.refused is not None:  # once the budget refused a reference, launch no more
                     raise turn.refused
+                payload = slot_payload(slot, view, base={"stream": True}, api=slot.api)
                 call = calls[index] = turn.new_call(
                     role="reference",
                     label=slot.label,
                     provider=upstream.host,
                     model=slot.model,
-                    input_messages=view,
+                    input_messages=view if slot.api == "chat" else payload["input"],
                     streamed=True,
                     secrets=upstream.secrets,
+                    responses=ResponsesRequest() if slot.api == "responses" else None,
                 )
             except BudgetBreach:
                 reference_done(slot.label, "error")  # refused, so never started: progress still adds up
@@ -222,7 +249,7 @@ class MoaTurn:
                 )
             )
             try:
-                await self._read_reference(call, upstream, _slot_payload(slot, view, base={"stream": True}))
+                await self._read_reference(call, upstream, payload)
             finally:
                 assert call.usage is not None
                 reference_done(slot.label, call.usage.status)
@@ -244,7 +271,10 @@ class MoaTurn:
         try:
             with anyio.move_on_after(timeout):
                 async with self.engine.slots.limiter(upstream.origin):
-                    response = await send_chat(self.engine.quirks, call, upstream, payload)
+                    if payload.get("input") is not None:
+                        response = await send_responses(call, upstream, payload)
+                    else:
+                        response = await send_chat(self.engine.quirks, call, upstream, payload)
                     try:
                         async for _ in response.stream:
                             pass
@@ -258,81 +288,6 @@ class MoaTurn:
         if not call.ended:  # the deadline passed while waiting for the upstream's capacity
             call.end("error", f"timed out after {timeout:g}s waiting for capacity")
 
-    # -- the aggregator ------------------------------------------------------------------------
-
-    async def _aggregate(self, references: list[Reference], missing: list[str], stale: bool, allowed_at: float) -> Any:
-        """Send the aggregator request (retrying it as `_retry` says) and return its response."""
-        preset, turn = self.preset, self.turn
-        aggregator = preset.aggregator_slot()
-        upstream = self.upstreams[aggregator.label]
-        messages = inject_references(
-            _with_system(self.messages, aggregator.system),
-            references,
-            placement=preset.placement,
-            template=preset.template,
-            missing=missing,
-            silent=preset.silent_degradation,
-            stale=stale,
-        )
-        payload = _slot_payload(aggregator, messages, base=self.payload)
-        rewrite = _turn_usage(turn) if preset.usage == "turn" else None
-        for attempt in range(preset.aggregator_retries + 1):
-            try:
-                call = turn.new_call(
-                    role="aggregator",
-                    label=aggregator.label,
-                    provider=upstream.host,
-                    model=aggregator.model,
-                    input_messages=messages,
-                    streamed=payload.get("stream") is True,
-                    main=True,
-                    secrets=upstream.secrets,
-                )
-            except BudgetBreach as breach:
-                self.seal()
-                return breach.response(self.default.http)
-            if attempt == 0:
-                self.engine.emit(
-                    Aggregating(
-                        turn_id=turn.turn_id,
-                        session_id=turn.session_id,
-                        preset=self.name,
-                        model=aggregator.model,
-                        references_used=len(references),
-                        references_total=len(references) + len(missing),
-                        cadence=self.cadence or "miss",
-                    )
-                )
-                self.aggregator_wait_s = time.perf_counter() - allowed_at
-            last = attempt == preset.aggregator_retries
-            try:
-                response = await send_chat(self.engine.quirks, call, upstream, payload, rewrite_usage=rewrite)
-            except Exception as exc:  # no response at all; the call has ended as an error
-                if not last and retryable_failure(upstream.http, exc):
-                    await anyio.sleep(backoff(attempt))
-                    continue
-                return self._unreachable(aggregator, upstream, call, exc)
-            if response.status_code >= 400:
-                if not last and retryable_status(response):
-                    await response.aread()  # the body says why: the attempt is recorded with its error
-                    await response.aclose()
-                    await anyio.sleep(backoff(attempt, response.headers))
-                    continue
-                response.headers["x-should-retry"] = "false"  # the turn has done its retries
-            self.seal()
-            return response
-        raise AssertionError("unreachable: the last attempt always returns")
-
-    def _unreachable(self, aggregator: Slot, upstream: Upstream, call: Call, exc: Exception) -> Any:
-        timed_out = isinstance(exc, upstream.http.TimeoutException)
-        reason = call.usage.error if call.usage is not None else None
-        message = (
-            f"{self.model}: the aggregator {aggregator.label} at {upstream.origin} could not be reached"
-            f" ({reason or type(exc).__name__})"
-        )
-        code = "upstream_timeout" if timed_out else "upstream_unreachable"
-        return self.refuse(504 if timed_out else 502, message, code=code)
-
 
 def _usable(call: Call) -> bool:
     """A reference the aggregator can use: it completed with some text (an answer of tool calls
@@ -342,48 +297,3 @@ def _usable(call: Call) -> bool:
 
 def _unusable(status: CallStatus) -> str:
     return "no text in its answer" if status == "completed" else status
-
-
-def _with_system(messages: list[Any], system: str | None) -> list[Any]:
-    """The aggregator slot's own instruction: a system message of its own, ahead of the caller's."""
-    return messages if system is None else [{"role": "system", "content": system}, *messages]
-
-
-def _slot_payload(slot: Slot, messages: list[Any], *, base: Mapping[str, Any]) -> dict[str, Any]:
-    payload = {**base, "model": slot.model, "messages": messages}
-    for field in ("temperature", "max_tokens", "seed"):
-        value = getattr(slot, field)
-        if value is not None:
-            payload[field] = value
-    payload.update(slot.extra)
-    return payload
-
-
-def _turn_usage(turn: Turn) -> Any:
-    """Adds the references' tokens to the usage the caller sees, so budgets count the whole turn."""
-
-    def rewrite(usage: dict[str, Any]) -> dict[str, Any]:
-        references = [u for u in turn.calls_so_far() if u.role == "reference"]
-        usage = dict(usage)
-        usage["prompt_tokens"] = (usage.get("prompt_tokens") or 0) + sum(u.input_tokens or 0 for u in references)
-        usage["completion_tokens"] = (usage.get("completion_tokens") or 0) + sum(
-            u.output_tokens or 0 for u in references
-        )
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        _add_detail(
-            usage, "prompt_tokens_details", "cached_tokens", sum(u.cached_input_tokens or 0 for u in references)
-        )
-        _add_detail(
-            usage, "completion_tokens_details", "reasoning_tokens", sum(u.reasoning_tokens or 0 for u in references)
-        )
-        return usage
-
-    return rewrite
-
-
-def _add_detail(usage: dict[str, Any], group: str, field: str, extra: int) -> None:
-    if not extra:
-        return
-    details = dict(usage.get(group) or {})
-    details[field] = (details.get(field) or 0) + extra
-    usage[group] = details

@@ -50,6 +50,10 @@ class Slot(msgspec.Struct, frozen=True, kw_only=True):
     """Sampling seed for this slot (None = the caller's)."""
     extra: dict[str, Any] = {}
     """Extra request-body parameters for this slot; `model`, `messages` and `stream` are not allowed."""
+    api: Literal["chat", "responses"] = "chat"
+    """The API a reference slot's upstream is called with: chat completions (every OpenAI-compatible
+    server has it), or the Responses API. The aggregator speaks the caller's API: through the Responses
+    API when its upstream has it, else bridged to chat completions (learned from a 404 or 405)."""
 
 
 class SelfMoA(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,7 +151,7 @@ _NOT_VALIDATED = "preset is not validated: pass it through validate_presets() or
 _PRESET_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The middleware sets these itself; a slot overriding them would break the turn.
-_RESERVED_EXTRA = ("messages", "model", "stream")
+_RESERVED_EXTRA = ("messages", "model", "stream", "input")
 _SLOT_LISTS = ("references", "layers", "self_moa")
 
 _SLOT_TYPES: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Slot)}

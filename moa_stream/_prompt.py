@@ -147,7 +147,7 @@ def inject_references(
     """
     if placement not in ("system", "user"):
         raise ValueError(f"placement must be 'system' or 'user', got {placement!r}")
-    block = _reference_block(references, template=template, missing=missing, silent=silent, stale=stale)
+    block = reference_block(references, template=template, missing=missing, silent=silent, stale=stale)
     out = [copy.deepcopy(dict(message)) for message in messages]
     if placement == "user":
         # The transcript stays byte-identical across calls, so a provider's prefix cache over it still hits.
@@ -159,7 +159,7 @@ def inject_references(
     return out
 
 
-def _reference_block(
+def reference_block(
     references: Sequence[Reference],
     *,
     template: str | None = None,

@@ -44,6 +44,7 @@ class UpstreamQuirks:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rejects_stream_options: set[str] = set()
+        self._lacks_responses: set[str] = set()
         self._unasked: OrderedDict[tuple[str, str], UnaskedUsage] = OrderedDict()
 
     def rejects_stream_options(self, origin: str) -> bool:
@@ -52,6 +53,14 @@ class UpstreamQuirks:
     def learn_rejects_stream_options(self, origin: str) -> None:
         with self._lock:
             self._rejects_stream_options.add(origin)
+
+    def lacks_responses(self, origin: str) -> bool:
+        """The upstream answered `/responses` with 404 or 405: it has no Responses API."""
+        return origin in self._lacks_responses
+
+    def learn_lacks_responses(self, origin: str) -> None:
+        with self._lock:
+            self._lacks_responses.add(origin)
 
     def unasked_usage(self, origin: str, model: str) -> UnaskedUsage | None:
         """What `model` at `origin` streams about usage unasked; None until a call has shown it."""

@@ -52,6 +52,11 @@ def http_module_of(http_client: object) -> ModuleType:
     raise TypeError(f"expected an httpx or httpx2 AsyncClient, got {type(http_client).__qualname__}")
 
 
+def client_http_module(client: openai.AsyncOpenAI) -> ModuleType:
+    """The HTTP module of the HTTP client that `client` sends its requests with."""
+    return http_module_of(client._client)
+
+
 @functools.cache
 def for_module(cls: type[T], module: ModuleType, base: str) -> type[T]:
     """`cls`, made a subclass of `module.<base>` too (e.g. `AsyncBaseTransport`, `AsyncByteStream`),

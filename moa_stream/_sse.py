@@ -70,6 +70,11 @@ class SSEFramer:
         return (data[:start] if self._pending else data), blocks
 
     @property
+    def idle(self) -> bool:
+        """Nothing is held from earlier reads: a read of whole events is complete on its own."""
+        return not self._pending and not self._after_cr
+
+    @property
     def pending(self) -> bytes:
         """Bytes of an event not finished yet (at the end of a stream: an event without its empty line)."""
         return self._pending

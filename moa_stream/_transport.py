@@ -13,17 +13,37 @@ from typing import Any
 
 import anyio
 
+from ._background import observe_background
 from ._budget import BudgetBreach
 from ._engine import Engine
+from ._facts import ResponsesRequest
 from ._ledger import SessionStateError
 from ._moa import MOA_PREFIX, run_moa_turn
 from ._session import SESSION_HEADER, current_session
-from ._upstream import Upstream, send_chat
+from ._upstream import Upstream, send_chat, send_responses
 from ._wire import any_decoder
 
 
-def _is_chat(request: Any) -> bool:
-    return bool(request.method == "POST" and request.url.path.endswith("/chat/completions"))
+def _route(request: Any) -> str | None:
+    """What a request is to us: a chat call, a Responses call, a look at a background response
+    ("observe"), or None (passed through untouched)."""
+    path = request.url.path
+    if request.method == "POST":
+        if path.endswith("/chat/completions"):
+            return "chat"
+        if path.endswith("/responses"):
+            return "responses"
+    if "/responses/" in path and (request.method == "GET" or path.endswith("/cancel")):
+        return "observe"
+    return None
+
+
+def input_items(payload: dict[str, Any]) -> list[Any]:
+    """A Responses request's `input` as a list of items (a string is one user message)."""
+    given = payload.get("input")
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    return given if isinstance(given, list) else []
 
 
 class MeteringTransport:
@@ -42,8 +62,11 @@ class MeteringTransport:
         self._closed = False
 
     async def handle_async_request(self, request: Any) -> Any:
-        if _is_chat(request):
-            return await self._chat(request)
+        route = _route(request)
+        if route == "chat" or route == "responses":
+            return await self._metered(request, route)
+        if route == "observe":
+            return await observe_background(self.moa_stream_engine, self._http, self.inner, request)
         return await self.inner.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -57,7 +80,7 @@ class MeteringTransport:
                 await self.moa_stream_engine.aclose()
             await self.inner.aclose()
 
-    async def _chat(self, request: Any) -> Any:
+    async def _metered(self, request: Any, api: str) -> Any:
         engine = self.moa_stream_engine
         body = await request.aread()
         try:
@@ -74,27 +97,47 @@ class MeteringTransport:
             return exc.response(self._http)
         model = str(payload.get("model", ""))
         if model.startswith(MOA_PREFIX):
-            return await run_moa_turn(engine, upstream, payload, body=body, session_id=session_id)
-
-        messages = payload.get("messages")
+            return await run_moa_turn(engine, upstream, payload, body=body, session_id=session_id, api=api)
         try:
             turn = engine.new_turn(session_id=session_id, model=model)
         except SessionStateError as exc:
             return exc.response(self._http)
         turn.note_inputs(body, upstream.secrets)
+        if api == "chat":
+            messages = payload.get("messages")
+            inputs, request_facts = (messages if isinstance(messages, list) else []), None
+        else:
+            inputs, request_facts = input_items(payload), responses_request(payload)
         try:
             call = turn.new_call(
                 role="direct",
                 label=model,
                 provider=upstream.host,
                 model=model,
-                input_messages=messages if isinstance(messages, list) else [],
+                input_messages=inputs,
                 streamed=payload.get("stream") is True,
                 main=True,
                 secrets=upstream.secrets,
+                responses=request_facts,
             )
         except BudgetBreach as breach:
             turn.seal()  # a turn with no call and the refusal as its error
             return breach.response(self._http)
         turn.seal()
-        return await send_chat(engine.quirks, call, upstream, payload, body=body)
+        if api == "chat":
+            return await send_chat(engine.quirks, call, upstream, payload, body=body)
+        return await send_responses(call, upstream, payload, body=body)
+
+
+def responses_request(payload: dict[str, Any]) -> ResponsesRequest:
+    """What a Responses request sent besides its input, for its trace record."""
+    instructions, tools, previous = (
+        payload.get("instructions"),
+        payload.get("tools"),
+        payload.get("previous_response_id"),
+    )
+    return ResponsesRequest(
+        instructions=instructions if isinstance(instructions, str) else None,
+        tools=tools if isinstance(tools, list) else [],
+        previous_response_id=previous if isinstance(previous, str) else None,
+    )

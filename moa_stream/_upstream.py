@@ -1,8 +1,9 @@
-"""Upstreams and the one way a metered chat call is sent to them.
+"""Upstreams and the way a metered call is sent to them.
 
-An upstream is where chat requests go: the caller's own (the URL, headers and transport of the
-request being handled) or a MoA slot's own client. `send_chat` asks for usage on the caller's
-behalf, falls back when an upstream rejects `stream_options`, and returns the response teed.
+An upstream is where requests go: the caller's own (the URL, headers and transport of the request
+being handled) or a MoA slot's own client; either endpoint, chat completions or responses, under its
+base URL. `send_chat` asks for usage on the caller's behalf, falls back when an upstream rejects
+`stream_options`, and returns the response teed; `send_responses` returns it teed as it is.
 """
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ from urllib.parse import quote
 
 import openai
 
+from ._chat_reader import ChatReader, UsageLearner, UsageRewrite
 from ._meter import Call
 from ._quirks import UpstreamQuirks
+from ._responses_reader import ResponsesReader
 from ._sdk import for_module, route_of
-from ._tee import TeeStream, UsageLearner, UsageRewrite
+from ._tee import Reader, TeeStream
 from ._wire import json_encoder
+
+_ENDPOINTS = ("/chat/completions", "/responses")
 
 
 class Upstream:
-    """Where chat requests go: a transport, the chat-completions URL and the headers to send."""
+    """Where requests go: a transport, a URL (under which both endpoints are) and the headers to send."""
 
     def __init__(
         self,
@@ -41,6 +46,9 @@ class Upstream:
         for name in ("content-length", "transfer-encoding", *drop):
             self.headers.pop(name, None)
         self.extensions = extensions
+        path = url.path
+        self._prefix = next((path[: -len(e)] for e in _ENDPOINTS if path.endswith(e)), path.rstrip("/"))
+        self._urls = {path[len(self._prefix) :]: url}  # made once each: building a URL is not cheap
         self.origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         self.host: str = url.host
         self.secrets = _credentials(self.headers, url)
@@ -67,12 +75,21 @@ class Upstream:
             http=http, transport=transport, url=request.url, headers=request.headers, extensions=request.extensions
         )
 
-    def request(self, body: bytes, *, identity: bool) -> Any:
+    def url_for(self, endpoint: str) -> Any:
+        """The URL of `endpoint` ("/chat/completions", "/responses") under this upstream's base,
+        with the same query (Azure's `api-version`, a `key`)."""
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = self.url.copy_with(path=self._prefix + endpoint)
+        return url
+
+    def request(self, body: bytes, *, identity: bool, endpoint: str = "/chat/completions") -> Any:
         headers = self.headers.copy()
         if identity:
             # A compressed event stream could not be teed chunk by chunk, nor a body rewritten.
             headers["accept-encoding"] = "identity"
-        return self.http.Request("POST", self.url, headers=headers, content=body, extensions=self.extensions)
+        url = self.url_for(endpoint)
+        return self.http.Request("POST", url, headers=headers, content=body, extensions=self.extensions)
 
 
 # Where OpenAI-compatible APIs take a key: bearer tokens, Azure's and gateways' key headers, and a
@@ -85,15 +102,16 @@ _MIN_SECRET_CHARS = 8
 
 def _credentials(headers: Any, url: Any) -> tuple[str, ...]:
     found: list[str] = []
-    for name in _SECRET_HEADERS:
-        value = headers.get(name)
-        if value:
+    for name, value in headers.multi_items():  # one pass: a lookup per name would scan them all each time
+        if value and name.lower() in _SECRET_HEADERS:
             scheme, _, token = value.partition(" ")
             found.append(token.strip() if token.strip() and scheme.lower() in ("bearer", "basic", "token") else value)
-    for name in _SECRET_PARAMS:
-        value = url.params.get(name)
-        if value:
-            found += [value, quote(value, safe="")]
+    if url.query:
+        params = url.params
+        for name in _SECRET_PARAMS:
+            value = params.get(name)
+            if value:
+                found += [value, quote(value, safe="")]
     return tuple(dict.fromkeys(value for value in found if len(value) >= _MIN_SECRET_CHARS))
 
 
@@ -105,6 +123,7 @@ async def send_chat(
     *,
     body: bytes | None = None,
     rewrite_usage: UsageRewrite | None = None,
+    caller_sees: bool | None = None,
 ) -> Any:
     """Send one chat request as `call` and return its response, teed into the call.
 
@@ -123,7 +142,9 @@ async def send_chat(
     inject = streamed and not asked_usage and not quirks.rejects_stream_options(origin)
     drop_null_usage = False
     learn: UsageLearner | None = None
-    if inject and call.role != "reference":
+    # What the caller reads must be the bare SDK's; a reference's stream (or one the bridge
+    # translates) is read by us alone.
+    if inject and (call.role != "reference" if caller_sees is None else caller_sees):
         unasked = quirks.unasked_usage(origin, model)
         if unasked is None:  # first sight: send it as the caller wrote it, and learn
             inject = False
@@ -143,19 +164,38 @@ async def send_chat(
         raw = await _read_raw(response)
         if b"stream_options" not in raw:
             replay = upstream.http.Response(400, headers=response.headers, stream=upstream.http.ByteStream(raw))
-            return _teed(upstream.http, call, replay, strip_usage=False)
+            return _teed(upstream.http, call, replay, ChatReader(call))
         quirks.learn_rejects_stream_options(origin)
         inject = drop_null_usage = False
         response = await _send(call, upstream, upstream.request(plain, identity=identity))
-    return _teed(
-        upstream.http,
+    ok = response.status_code < 400
+    reader = ChatReader(
         call,
-        response,
         strip_usage=inject,
         drop_null_usage=drop_null_usage,
+        rewrite_usage=rewrite_usage if ok else None,
         learn_usage=learn,
-        rewrite_usage=rewrite_usage,
     )
+    return _teed(upstream.http, call, response, reader)
+
+
+async def send_responses(
+    call: Call,
+    upstream: Upstream,
+    payload: dict[str, Any],
+    *,
+    body: bytes | None = None,
+    rewrite_usage: UsageRewrite | None = None,
+) -> Any:
+    """Send one Responses API request as `call` and return its response, teed into the call.
+
+    The Responses API reports usage in every finished response, so the request goes as it is."""
+    streamed = payload.get("stream") is True
+    content = body if body is not None else json_encoder.encode(payload)
+    identity = streamed or rewrite_usage is not None
+    response = await _send(call, upstream, upstream.request(content, identity=identity, endpoint="/responses"))
+    rewrite = rewrite_usage if response.status_code < 400 else None
+    return _teed(upstream.http, call, response, ResponsesReader(call, rewrite_usage=rewrite))
 
 
 def _learn_unasked(quirks: UpstreamQuirks, origin: str, model: str, chunk: bool, key: bool) -> None:
@@ -173,31 +213,14 @@ async def _send(call: Call, upstream: Upstream, request: Any) -> Any:
     return response
 
 
-def _teed(
-    http: ModuleType,
-    call: Call,
-    response: Any,
-    *,
-    strip_usage: bool,
-    drop_null_usage: bool = False,
-    learn_usage: UsageLearner | None = None,
-    rewrite_usage: UsageRewrite | None = None,
-) -> Any:
-    content_type = response.headers.get("content-type", "")
-    ok = response.status_code < 400
-    sse = ok and content_type.startswith("text/event-stream")
+def _teed(http: ModuleType, call: Call, response: Any, reader: Reader) -> Any:
+    """`response` with its body teed into `call` through `reader`."""
+    sse = response.status_code < 400 and response.headers.get("content-type", "").startswith("text/event-stream")
     tee = for_module(TeeStream, http, "AsyncByteStream")(
-        response.stream,
-        call,
-        sse=sse,
-        strip_usage=strip_usage,
-        content_encoding=response.headers.get("content-encoding"),
-        rewrite_usage=rewrite_usage if ok else None,
-        drop_null_usage=drop_null_usage and sse,
-        learn_usage=learn_usage if sse else None,
+        response.stream, call, reader, sse=sse, content_encoding=response.headers.get("content-encoding")
     )
     headers = response.headers
-    if rewrite_usage is not None and not sse:
+    if reader.holds_body and not sse:
         headers = headers.copy()
         headers.pop("content-length", None)  # the rewritten body has another length
     # A new response, since one built from bytes (mock transports) would bypass its stream.

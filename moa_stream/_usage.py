@@ -9,6 +9,7 @@ import msgspec
 
 from ._buffer import CallBuffer
 from ._events import UsageSource
+from ._responses_wire import ResponsesUsage
 
 # Roughly four characters per token for English text with BPE tokenizers; per-message overhead
 # follows OpenAI's chat format (role and separators). Estimates are marked as such in every event.
@@ -32,7 +33,18 @@ MISSING = Tokens(source="missing")
 def resolve_tokens(buffer: CallBuffer, messages: list[Any], *, got_response: bool, streamed: bool) -> Tokens:
     """Reported usage if the upstream sent it; else an estimate if it answered at all; else missing."""
     usage = buffer.usage
-    if usage is not None and usage.prompt_tokens is not None and usage.completion_tokens is not None:
+    if isinstance(usage, ResponsesUsage):
+        if usage.input_tokens is not None and usage.output_tokens is not None:
+            cached = usage.input_tokens_details
+            reasoning = usage.output_tokens_details
+            return Tokens(
+                source="reported",
+                input=usage.input_tokens,
+                cached_input=cached.cached_tokens if cached is not None else None,
+                output=usage.output_tokens,
+                reasoning=reasoning.reasoning_tokens if reasoning is not None else None,
+            )
+    elif usage is not None and usage.prompt_tokens is not None and usage.completion_tokens is not None:
         prompt = usage.prompt_tokens_details
         completion = usage.completion_tokens_details
         cache_write = usage.cache_creation_input_tokens
@@ -58,6 +70,8 @@ def estimate_input_tokens(messages: list[Any]) -> int:
     for message in messages:
         if isinstance(message, dict):
             chars += _text_chars(message.get("content"))
+            # Responses API items: a function call's arguments, a tool's output
+            chars += _text_chars(message.get("arguments")) + _text_chars(message.get("output"))
             for call in message.get("tool_calls") or ():
                 if isinstance(call, dict):
                     function = call.get("function")

@@ -18,7 +18,7 @@ from ._ledger import SessionState, session_id_or_current
 from ._presets import Preset, check_key_variables, validate_presets
 from ._pricing import PriceInput, PriceTable
 from ._redact import RedactInput, make_redactor
-from ._sdk import find_engine, for_module, http_module_of, install, specialize
+from ._sdk import client_http_module, find_engine, for_module, install, specialize
 from ._sidecar import SessionLedger
 from ._slots import DEFAULT_UPSTREAM_CONCURRENCY
 from ._transport import MeteringTransport
@@ -109,7 +109,7 @@ def wrap(
     )
     # Keep the original client alive: its HTTP client closes the shared pool when collected.
     engine.origin = client
-    transport_class = for_module(MeteringTransport, http_module_of(client._client), "AsyncBaseTransport")
+    transport_class = for_module(MeteringTransport, client_http_module(client), "AsyncBaseTransport")
     main = True
 
     def metering(inner: Any) -> MeteringTransport:

@@ -1,0 +1,173 @@
+"""MoA presets served through the Responses API: references from the Responses input, the aggregator
+native or bridged from chat completions, conversations continued by previous_response_id."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from openai.types.responses import FunctionToolParam
+
+import moa_stream
+from moa_stream import Budget, Limits, Preset, Slot
+from moa_stream.testing import SimModel, Simulator
+
+from .conftest import EventLog
+
+QUESTION = "Plan a weekend in Lisbon"
+TOOL: FunctionToolParam = {
+    "type": "function",
+    "name": "get_weather",
+    "strict": True,
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+PRESETS = {
+    "trio": Preset(references=["ref-a", "ref-b", "ref-c"], aggregator="agg"),
+    "mixed": Preset(
+        references=["ref-a", Slot(model="ref-b", label="via-responses", api="responses")], aggregator="agg"
+    ),
+}
+
+
+@pytest.fixture(params=[True, False], ids=["native", "bridged"])
+def sim(request: pytest.FixtureRequest) -> Simulator:
+    """An upstream with the Responses API, and one without it (the aggregator is then bridged)."""
+    models = [SimModel(name=name) for name in ("ref-a", "ref-b", "ref-c", "agg")]
+    return Simulator(models, responses=request.param)
+
+
+def roles(log: EventLog) -> list[tuple[str, str]]:
+    return sorted((c.role, c.api) for c in log.of(moa_stream.CallUsage))
+
+
+def native(sim: Simulator) -> bool:
+    return sim._responses  # the fixture's own parameter
+
+
+async def test_a_streamed_turn_answers_in_responses_events(log: EventLog, sim: Simulator, wrapped: Any) -> None:
+    client = wrapped(presets=PRESETS)
+    stream = await client.responses.create(model="moa:trio", input=QUESTION, stream=True)
+    types, text = [], ""
+    async for event in stream:
+        types.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+    assert types[0] == "response.created"
+    assert types[-1] == "response.completed"
+    await log.wait_turns(1)
+    [trace] = log.of(moa_stream.TurnTrace)
+    aggregator = [c for c in trace.calls if c.role == "aggregator"]
+    assert aggregator[-1].output.text == text
+    assert trace.end.status == "completed"
+    references = [c for c in trace.calls if c.role == "reference"]
+    assert len(references) == 3
+    assert all(r.api == "chat" for r in references)
+    # native: one aggregator call through /responses; bridged: the 404 that taught it, then chat
+    expected = ["responses"] if native(sim) else ["responses", "chat"]
+    assert [c.api for c in aggregator] == expected
+    assert aggregator[-1].usage.status == "completed"
+
+
+async def test_a_non_streamed_turn_is_a_response_object(wrapped: Any, log: EventLog) -> None:
+    client = wrapped(presets=PRESETS)
+    response = await client.responses.create(model="moa:trio", input=QUESTION)
+    assert response.status == "completed"
+    assert response.output_text
+    await log.wait_turns(1)
+    [end] = log.of(moa_stream.TurnEnd)
+    # usage="turn": what the caller is told counts the references too
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (end.input_tokens, end.output_tokens)
+
+
+async def test_the_stream_helper_accepts_the_answer(wrapped: Any) -> None:
+    client = wrapped(presets=PRESETS)
+    async with client.responses.stream(model="moa:trio", input=QUESTION, tools=[TOOL]) as stream:
+        final = await stream.get_final_response()
+    [call] = [item for item in final.output if item.type == "function_call"]  # the aggregator acts
+    assert (call.name, sorted(json.loads(call.arguments))) == ("get_weather", ["city"])
+
+
+async def test_the_bridge_is_learned_once_per_upstream(wrapped: Any, log: EventLog, sim: Simulator) -> None:
+    client = wrapped(presets=PRESETS)
+    for _ in range(2):
+        await client.responses.create(model="moa:trio", input=QUESTION + str(_))
+    await log.wait_turns(2)
+    aggregators = [c.api for c in log.of(moa_stream.CallUsage) if c.role == "aggregator"]
+    assert aggregators == (["responses", "responses"] if native(sim) else ["responses", "chat", "chat"])
+
+
+async def test_references_see_the_advisory_view_of_the_responses_input(wrapped: Any, log: EventLog) -> None:
+    client = wrapped(presets=PRESETS)
+    history: Any = [
+        {"role": "user", "content": QUESTION},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Lisbon"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 24C"},
+    ]
+    await client.responses.create(model="moa:trio", input=history, instructions="Answer in French.", tools=[TOOL])
+    await log.wait_turns(1)
+    [trace] = log.of(moa_stream.TurnTrace)
+    view = next(c for c in trace.calls if c.role == "reference").input_messages
+    flat = " ".join(str(m.get("content")) for m in view)
+    assert "Answer in French." in flat
+    assert "sunny, 24C" in flat
+    assert "get_weather" in flat
+    assert view[-1]["role"] == "user"  # references advise and never act: no tools, a user turn last
+    assert all("tool_calls" not in m for m in view)
+
+
+async def test_a_slot_can_call_its_upstream_with_the_responses_api(wrapped: Any, log: EventLog, sim: Simulator) -> None:
+    client = wrapped(presets=PRESETS)
+    await client.responses.create(model="moa:mixed", input=QUESTION)
+    await log.wait_turns(1)
+    by_label = {c.label: c for c in log.of(moa_stream.CallUsage) if c.role == "reference"}
+    assert (by_label["ref-a"].api, by_label["via-responses"].api) == ("chat", "responses")
+    expected = "completed" if native(sim) else "error"  # an upstream without /responses fails that slot
+    assert by_label["via-responses"].status == expected
+
+
+async def test_previous_response_id_gives_the_references_the_whole_conversation(wrapped: Any, log: EventLog) -> None:
+    client = wrapped(presets=PRESETS)
+    first = await client.responses.create(model="moa:trio", input=QUESTION)
+    await client.responses.create(model="moa:trio", input="And on Sunday?", previous_response_id=first.id)
+    await log.wait_turns(2)
+    second = log.of(moa_stream.TurnTrace)[1]
+    view = next(c for c in second.calls if c.role == "reference").input_messages
+    texts = [str(m.get("content")) for m in view]
+    assert any(QUESTION in t for t in texts)  # the first question...
+    assert any(first.output_text in t for t in texts)  # ...and the answer it got
+    assert any("And on Sunday?" in t for t in texts)
+
+
+async def test_a_function_call_loop_reuses_the_references(wrapped: Any, log: EventLog) -> None:
+    client = wrapped(presets=PRESETS)
+    first = await client.responses.create(model="moa:trio", input=QUESTION, tools=[TOOL])
+    [call] = [item for item in first.output if item.type == "function_call"]
+    loop: Any = [
+        {"role": "user", "content": QUESTION},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
+    await client.responses.create(model="moa:trio", input=loop, tools=[TOOL])
+    await log.wait_turns(2)
+    assert [t.cadence for t in log.of(moa_stream.TurnTrace)] == ["miss", "hit"]
+
+
+async def test_a_budget_refuses_a_responses_turn(wrapped: Any) -> None:
+    client = wrapped(presets=PRESETS, budget=Budget(turn=Limits(calls=2)))
+    with pytest.raises(moa_stream.BudgetExceeded):
+        await client.responses.create(model="moa:trio", input=QUESTION)
+
+
+async def test_progress_events_come_as_for_chat(wrapped: Any, log: EventLog) -> None:
+    client = wrapped(presets=PRESETS)
+    await client.responses.create(model="moa:trio", input=QUESTION)
+    await log.wait_turns(1)
+    assert [e.done for e in log.of(moa_stream.ReferenceDone)] == [1, 2, 3]
+    assert len(log.of(moa_stream.Aggregating)) == 1
