@@ -286,6 +286,10 @@ class OTelSink:
         _put(attributes, "moa.call_id", _text(usage.call_id))
         _put(attributes, "moa.request_id", _text(usage.request_id))
         _put(attributes, "moa.status", _text(usage.status))
+        if call.api == "responses":  # the Responses API: its id chains a conversation across spans
+            attributes["moa.api"] = "responses"
+            _put(attributes, "gen_ai.response.id", _text(call.response_id))
+            _put(attributes, "moa.previous_response_id", _text(call.previous_response_id))
 
         start_ns, end_ns = _interval(usage.started_at, usage.duration_s)
         span = self._tracer.start_span(

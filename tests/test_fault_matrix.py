@@ -65,24 +65,34 @@ behaviours = st.tuples(
 )
 
 
+async def create(client: openai.AsyncOpenAI, api: str, model: str, *, stream: bool) -> Any:
+    """A chat completion, or a Responses API response, of `model` for the case's question."""
+    client = client.with_options(timeout=0.3)
+    if api == "responses":
+        return await client.responses.create(model=model, input=USER[0]["content"], stream=stream)  # type: ignore[call-overload]
+    return await client.chat.completions.create(model=model, messages=USER, stream=stream)  # type: ignore[call-overload]
+
+
 async def drive(
-    client: openai.AsyncOpenAI, model: str, streamed: bool, behaviour: tuple[str, int], chunks: list[Any] | None = None
+    client: openai.AsyncOpenAI,
+    model: str,
+    streamed: bool,
+    behaviour: tuple[str, int],
+    chunks: list[Any] | None = None,
+    *,
+    api: str = "chat",
 ) -> str:
     """Make one call and leave it the way `behaviour` says; returns the exception type's name, or ''.
-    The chunks the caller got (their `to_dict()`) go to `chunks`."""
+    The chunks or events the caller got (their `to_dict()`) go to `chunks`."""
     how, at = behaviour
     chunks = [] if chunks is None else chunks
     try:
         if not streamed:
-            reply = await client.with_options(timeout=0.3).chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
+            reply = await create(client, api, model, stream=False)
             chunks.append(reply.to_dict())
             return ""
         with anyio.CancelScope() as scope:
-            stream = await client.with_options(timeout=0.3).chat.completions.create(
-                model=model,
-                messages=USER,  # type: ignore[arg-type]
-                stream=True,
-            )
+            stream = await create(client, api, model, stream=True)
             if how == "wait_for":  # each chunk from a task of its own, with a deadline
                 iterator = stream.__aiter__()
                 for _ in range(at + 1):
@@ -254,6 +264,8 @@ async def run_case(
     sink_fault: str,
     trace_fault: str | None,
     chunks: list[Any] | None = None,
+    *,
+    api: str = "chat",
     **options: Any,
 ) -> tuple[str, list[moa_stream.CallUsage]]:
     """Make one call under the case's faults, check the invariants every case shares, and return
@@ -263,7 +275,7 @@ async def run_case(
         sinks = Sinks(sink_fault, trace_fault, Path(directory))
         client = sinks.wrap(sim_client(sim, max_retries=0, api_key=KEY), **options)
         with moa_stream.session(SESSION):
-            raised = await drive(client, model, streamed, behaviour, chunks)
+            raised = await drive(client, model, streamed, behaviour, chunks, api=api)
         await settle(sim)
         await sinks.finish(client)
         sinks.check(client)
@@ -279,24 +291,29 @@ sink_faults = st.sampled_from(["none", "raising", "blocking", "stuck"])
 trace_faults = st.sampled_from([None, "ok", "dir_gone", "disk_full"])
 
 
+apis = st.sampled_from(["chat", "responses"])
+
+
 @PROFILE
 @given(
     fault=faults,
+    api=apis,
     streamed=st.booleans(),
     behaviour=behaviours,
     sink_fault=sink_faults,
     trace_fault=trace_faults,
 )
 async def test_direct_call_under_any_fault_and_exit(
-    fault: Fault | None, streamed: bool, behaviour: tuple[str, int], sink_fault: str, trace_fault: str | None
+    fault: Fault | None, api: str, streamed: bool, behaviour: tuple[str, int], sink_fault: str, trace_fault: str | None
 ) -> None:
     sim = Simulator([SimModel(name="m", fault=fault)])
     got: list[Any] = []
-    raised, _ = await run_case(sim, "m", streamed, behaviour, sink_fault, trace_fault, got)
+    raised, _ = await run_case(sim, "m", streamed, behaviour, sink_fault, trace_fault, got, api=api)
     if behaviour[0] == "consume":
         bare_sim = Simulator([SimModel(name="m", fault=fault)])
         expected: list[Any] = []
-        bare = await drive(sim_client(bare_sim, max_retries=0, api_key=KEY), "m", streamed, behaviour, expected)
+        bare_client = sim_client(bare_sim, max_retries=0, api_key=KEY)
+        bare = await drive(bare_client, "m", streamed, behaviour, expected, api=api)
         assert (raised, got) == (bare, expected)  # the caller sees what the bare SDK gives
         await settle(bare_sim)
 
@@ -304,6 +321,7 @@ async def test_direct_call_under_any_fault_and_exit(
 @PROFILE
 @given(
     faults=st.tuples(faults, faults),
+    api=st.sampled_from(["chat", "responses", "responses_bridged"]),
     streamed=st.booleans(),
     behaviour=behaviours,
     quorum=st.sampled_from([None, 1]),
@@ -313,6 +331,7 @@ async def test_direct_call_under_any_fault_and_exit(
 )
 async def test_moa_turn_under_any_reference_fault_and_exit(
     faults: tuple[Fault | None, Fault | None],
+    api: str,
     streamed: bool,
     behaviour: tuple[str, int],
     quorum: int | None,
@@ -320,13 +339,19 @@ async def test_moa_turn_under_any_reference_fault_and_exit(
     sink_fault: str,
     trace_fault: str | None,
 ) -> None:
-    sim = Simulator([SimModel(name="r1", fault=faults[0]), SimModel(name="r2", fault=faults[1]), SimModel(name="agg")])
+    models = [SimModel(name="r1", fault=faults[0]), SimModel(name="r2", fault=faults[1]), SimModel(name="agg")]
+    bridged = api == "responses_bridged"  # an upstream without /responses: the aggregator is bridged
+    sim = Simulator(models, responses=not bridged)
     preset = Preset(
         references=["r1", "r2"], aggregator="agg", quorum=quorum, reference_timeout=0.5, on_all_failed=on_all_failed
     )
-    raised, calls = await run_case(sim, "moa:p", streamed, behaviour, sink_fault, trace_fault, presets={"p": preset})
+    raised, calls = await run_case(
+        sim, "moa:p", streamed, behaviour, sink_fault, trace_fault, api=api.split("_")[0], presets={"p": preset}
+    )
     references = [c for c in calls if c.role == "reference"]
-    aggregators = [c for c in calls if c.role == "aggregator"]
+    learned = [c for c in calls if c.role == "aggregator" and c.http_status == 404]
+    assert len(learned) == (1 if bridged and any(c.role == "aggregator" for c in calls) else 0)
+    aggregators = [c for c in calls if c.role == "aggregator" and c not in learned]
     all_failed = bool(references) and all(c.status != "completed" for c in references)
     if raised == "InternalServerError":  # the preset's "error" policy: a 502, before any aggregator call
         assert (on_all_failed, all_failed, aggregators) == ("error", True, [])

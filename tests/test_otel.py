@@ -194,6 +194,27 @@ async def test_direct_turn_is_a_single_client_span(wrapped: Wrapped, log: EventL
     assert "moa.cost_usd" not in attrs(span)  # no price for m-reasoner: unknown, never 0
 
 
+async def test_a_responses_call_is_a_client_span_with_its_response_id(
+    wrapped: Wrapped, log: EventLog, otel: Telemetry
+) -> None:
+    client = wrapped(sinks=[log, otel.sink])
+    first = await client.responses.create(model="m-reasoner", input="hi")
+    stream = await client.responses.create(model="m-reasoner", input="and?", previous_response_id=first.id, stream=True)
+    async for _ in stream:
+        pass
+    await moa_stream.flush(client)
+    spans = otel.spans()
+    assert [span.name for span in spans] == ["chat m-reasoner", "chat m-reasoner"]
+    one, two = (attrs(span) for span in spans)
+    assert (one["moa.api"], one["gen_ai.response.id"]) == ("responses", first.id)
+    assert two["moa.previous_response_id"] == first.id
+    assert (two["gen_ai.request.stream"], two["gen_ai.usage.reasoning.output_tokens"]) == (True, 6)
+    assert [u.output_tokens for u in log.of(moa_stream.CallUsage)] == [
+        one["gen_ai.usage.output_tokens"],
+        two["gen_ai.usage.output_tokens"],
+    ]
+
+
 async def test_failed_call_has_error_type_and_error_status(wrapped: Wrapped, log: EventLog, otel: Telemetry) -> None:
     client = wrapped(sinks=[log, otel.sink])
     with pytest.raises(openai.RateLimitError):
