@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import chunks, concurrency, fanout, sinks
+from . import chunks, concurrency, fanout, responses, sinks
 from ._common import (
     RESULTS_DIR,
     Config,
@@ -26,7 +26,8 @@ from ._common import (
 )
 
 SECTIONS: dict[str, Section] = {
-    section.name: section for section in (chunks.SECTION, sinks.SECTION, concurrency.SECTION, fanout.SECTION)
+    section.name: section
+    for section in (chunks.SECTION, sinks.SECTION, concurrency.SECTION, fanout.SECTION, responses.SECTION)
 }
 NO_MATPLOTLIB = "matplotlib is not installed, so no PNG plots (pip install -e '.[bench]')"
 

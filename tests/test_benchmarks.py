@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import chunks, concurrency, fanout, sinks, suite
+from benchmarks import chunks, concurrency, fanout, responses, sinks, suite
 from benchmarks._common import (
     Config,
     EventKey,
@@ -133,6 +133,33 @@ def test_fanout_section_reports_the_gap_of_every_mode(results: dict[str, Section
     for row in result.results.values():
         assert row["turns"] == 3
         assert 0 <= row["gap_p50_ms"] <= row["gap_p99_ms"] <= row["gap_max_ms"]
+
+
+def test_responses_section_compares_both_apis_bare_and_wrapped(results: dict[str, SectionResult]) -> None:
+    result = results[responses.NAME]
+    _well_formed(result)
+    entry = result.results["10"]
+    assert list(entry["variants"]) == [
+        "chat bare",
+        "chat wrapped",
+        "responses bare",
+        "responses wrapped",
+        "responses moa",
+    ]
+    # Two streams of 10 deltas per sample: chat chunks, and Responses events from created to completed.
+    assert {name: row["events_per_stream"] for name, row in entry["variants"].items()} == {
+        "chat bare": 10,
+        "chat wrapped": 10,
+        "responses bare": 16,
+        "responses wrapped": 16,
+        "responses moa": 16,
+    }
+    assert (
+        entry["variants"]["chat bare"]["cpu_over_bare"] == entry["variants"]["responses bare"]["cpu_over_bare"] == 1.0
+    )
+    assert set(entry["added_cpu_us_per_stream"]) == {"chat", "responses"}
+    assert {"responses_wrapped_over_bare", "chat_wrapped_over_bare"} <= set(entry["ratios"])
+    assert any(note.startswith("CPU metering adds per stream") for note in result.notes)
 
 
 def test_plots_are_drawn_for_every_section(results: dict[str, SectionResult], tmp_path: Path) -> None:

@@ -151,3 +151,44 @@ def test_demo_refuses_a_preset_whose_key_variable_is_not_set(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "environment variable MOA_TEST_NO_SUCH_KEY is not set" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_demo_command_runs_its_turn_through_the_api_asked_for(tmp_path: Path, api: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "moa_stream", "demo", "--api", api, "--trace-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.count("3/3 done") == 1
+    assert "aggregating 3/3 answers with sim-large" in result.stdout
+    assert ("through the Responses API" in result.stdout) is (api == "responses")
+    [trace] = moa_stream.read_traces(tmp_path / "demo.jsonl")
+    assert f"1 turn traced in {tmp_path / 'demo.jsonl'}" in result.stdout
+    *references, aggregator = trace.calls
+    assert aggregator.role == "aggregator"
+    assert aggregator.api == api  # the aggregator speaks the caller's API
+    assert [reference.api for reference in references] == ["chat"] * 3
+    assert aggregator.output.text
+    assert aggregator.output.text in result.stdout  # the answer was streamed
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("role "))
+    rows = [line.split() for line in lines[header + 2 : lines.index("", header)]]  # the header, dashes, a row a call
+    assert sorted((row[0], row[1], row[-1]) for row in rows) == sorted(
+        (call.role, call.model, "completed") for call in trace.calls
+    )
+
+
+def test_demo_help_says_what_each_api_does(capsys: pytest.CaptureFixture[str]) -> None:
+    from moa_stream._cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--api {chat,responses}" in help_text
+    assert "client.chat.completions.create" in help_text
+    assert "client.responses.create" in help_text
+    assert "default: chat" in help_text

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -432,3 +432,237 @@ async def test_a_budget_refusal_reaches_a_remote_caller_as_an_openai_error(sim: 
     assert isinstance(refused.value.body, dict)
     assert (refused.value.body["limit"], refused.value.body["session_id"]) == ("calls", "remote-user")
     assert sim.stats.requests == 1
+
+
+# -- the Responses API ----------------------------------------------------------------------------
+
+QUESTION = "Name three rivers please"
+RESPONSE = {"model": "sim-large", "input": QUESTION}
+
+
+async def response_bytes(client: openai.AsyncOpenAI, **request: Any) -> bytes:
+    """The body of a Responses create as it reached `client`, streamed or not."""
+    async with client.responses.with_streaming_response.create(**request) as response:
+        return b"".join([part async for part in response.iter_bytes()])
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+async def test_a_response_reaches_the_caller_as_the_upstream_sent_it(
+    serve: Serve, sim: Simulator, log: EventLog, stream: bool
+) -> None:
+    async with serve() as server, caller(server) as client:
+        served = await response_bytes(client, **RESPONSE, stream=stream)
+    async with sim_client(sim) as bare:
+        direct = await response_bytes(bare, **RESPONSE, stream=stream)
+    assert served == direct
+    assert (b"event: response.completed" in served) is stream
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.api, call.role, call.model, call.status) == ("responses", "direct", "sim-large", "completed")
+    assert (call.usage_source, call.output_tokens) == ("reported", 40)
+
+
+async def test_a_preset_through_the_responses_api_runs_a_moa_turn(serve: Serve, log: EventLog) -> None:
+    async with serve() as server, caller(server) as client:
+        stream = await client.responses.create(model="moa:duo", input=QUESTION, stream=True)
+        text = "".join([event.delta async for event in stream if event.type == "response.output_text.delta"])
+        # Another question: the same one would have its references from the preset's cache.
+        async with client.responses.stream(model="moa:duo", input="And three lakes?") as helper:
+            final = await helper.get_final_response()
+    turn = [
+        ("aggregator", "m3", "responses", "completed"),
+        ("reference", "m1", "chat", "completed"),
+        ("reference", "m2", "chat", "completed"),
+    ]
+    assert sorted((c.role, c.model, c.api, c.status) for c in log.of(moa_stream.CallUsage)) == sorted(2 * turn)
+    ends = log.of(moa_stream.TurnEnd)
+    assert [(end.model, end.calls, end.status) for end in ends] == 2 * [("moa:duo", 3, "completed")]
+    first, second = log.of(moa_stream.TurnTrace)
+    assert text
+    assert first.calls[-1].output.text == text
+    assert final.status == "completed"
+    assert final.output_text == second.calls[-1].output.text
+
+
+async def test_a_background_response_is_metered_once_when_a_retrieve_through_the_server_sees_it_finished(
+    serve: Serve, log: EventLog
+) -> None:
+    async with serve() as server, caller(server) as client:
+        created = await client.responses.create(model="sim-slow", input=QUESTION, background=True)
+        assert created.status == "queued"
+        seen = created
+        while seen.status in ("queued", "in_progress"):
+            await anyio.sleep(0.05)
+            seen = await client.responses.retrieve(created.id)
+        again = await client.responses.retrieve(created.id)  # a second look meters nothing more
+    assert again.id == seen.id == created.id
+    assert seen.status == "completed"
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.api, call.status, call.usage_source) == ("responses", "completed", "reported")
+    assert call.output_tokens == seen.usage.output_tokens  # type: ignore[union-attr]
+    [trace] = log.of(moa_stream.TurnTrace)
+    assert trace.calls[0].output.text == seen.output_text
+
+
+async def test_a_background_response_streamed_again_through_the_server_is_metered_once(
+    serve: Serve, log: EventLog
+) -> None:
+    async with serve() as server, caller(server) as client:
+        created = await client.responses.create(model="sim-slow", input=QUESTION, background=True)
+        # ?stream=true reaches the upstream: the events come again, as SSE
+        stream = await client.responses.retrieve(created.id, stream=True)
+        events = [event async for event in stream]
+    assert events[-1].type == "response.completed"
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.api, call.status, call.usage_source) == ("responses", "completed", "reported")
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert log.of(moa_stream.TurnTrace)[0].calls[0].output.text == text
+
+
+async def test_a_background_response_cancelled_through_the_server_is_metered_as_cancelled(
+    serve: Serve, log: EventLog
+) -> None:
+    async with serve() as server, caller(server) as client:
+        created = await client.responses.create(model="sim-long", input=QUESTION, background=True)
+        cancelled = await client.responses.cancel(created.id)
+    assert (cancelled.id, cancelled.status) == (created.id, "cancelled")
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.api, call.status) == ("responses", "cancelled")
+
+
+async def test_a_follow_up_without_input_goes_upstream(serve: Serve, log: EventLog) -> None:
+    async with serve() as server, caller(server) as client:
+        first = await client.responses.create(**RESPONSE)  # type: ignore[call-overload]
+        second = await client.responses.create(model="sim-large", previous_response_id=first.id)
+    assert second.status == "completed"
+    assert [call.status for call in log.of(moa_stream.CallUsage)] == ["completed", "completed"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ([RESPONSE], None, "JSON object"),
+        ({"model": "", "input": QUESTION}, "model", "model"),
+        ({"model": ["sim-small"], "input": QUESTION}, "model", "model"),
+    ],
+)
+async def test_body_that_is_no_responses_request_is_a_400_naming_the_problem(
+    serve: Serve, log: EventLog, body: object, param: str | None, says: str
+) -> None:
+    async with serve() as server, raw(server) as http:
+        response = await http.post("responses", json=body)
+        malformed = await http.post("responses", content=b'{"model": "sim-small", "input": ')
+    error = assert_openai_error(response, 400, param=param)
+    assert says in error["message"]
+    assert "not valid JSON" in assert_openai_error(malformed, 400)["message"]
+    assert log.of(moa_stream.CallUsage) == []
+
+
+@pytest.mark.parametrize("body", [{"model": "sim-small"}, {"input": QUESTION}], ids=["no-input", "no-model"])
+async def test_a_create_the_upstream_must_judge_gets_the_upstreams_answer(
+    serve: Serve, sim: Simulator, log: EventLog, body: dict[str, Any]
+) -> None:
+    # Every field of a Responses create is optional to the API (a stored prompt may name the model, a
+    # conversation carry the input): the relay refuses none of it and relays what the upstream says.
+    async with serve() as server, caller(server) as client:
+        with pytest.raises(openai.BadRequestError) as served:
+            await client.responses.create(**body)
+    async with sim_client(sim, max_retries=0) as bare:
+        with pytest.raises(openai.BadRequestError) as direct:
+            await bare.responses.create(**body)
+    assert served.value.body == direct.value.body
+    assert served.value.body["param"] in {"input", "model"}  # type: ignore[index]
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.api, call.status) == ("responses", "error")
+
+
+async def test_looks_at_stored_responses_relay_the_upstreams_answer(
+    serve: Serve, sim: Simulator, log: EventLog
+) -> None:
+    async with serve() as server, caller(server) as client:
+        served = [await missing(client.responses.retrieve(id_)) for id_ in ("resp_nope", "resp nope")]
+        served.append(await missing(client.responses.cancel("resp_nope")))
+    async with sim_client(sim, max_retries=0) as bare:
+        direct = [await missing(bare.responses.retrieve(id_)) for id_ in ("resp_nope", "resp nope")]
+        direct.append(await missing(bare.responses.cancel("resp_nope")))
+    assert served == direct  # the id goes upstream escaped as the SDK escapes it
+    assert "'resp_nope'" in str(served[0])
+    assert log.of(moa_stream.CallUsage) == []
+
+
+async def missing(look: Awaitable[object]) -> object:
+    """The error body of a look at a response that is not there."""
+    with pytest.raises(openai.NotFoundError) as error:
+        await look
+    return error.value.body
+
+
+@pytest.mark.parametrize("path", ["/v1/responses/..", "/v1/responses/../cancel", "/v1/responses/."])
+async def test_a_dot_segment_for_a_response_id_is_a_404(serve: Serve, sim: Simulator, path: str) -> None:
+    # An HTTP client resolves the dots away (here, and on the way upstream): only a raw request has them.
+    method = "POST" if path.endswith("/cancel") else "GET"
+    async with serve() as server, await anyio.connect_tcp(server.host, server.port) as connection:
+        request = f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        await connection.send(request.encode())
+        answer = b"".join([chunk async for chunk in connection])
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert b"not found" in answer
+    assert b"invalid_request_error" in answer  # OpenAI's shape, not Starlette's
+    assert sim.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer sk-wrong"}],
+    ids=["missing", "wrong"],
+)
+async def test_the_responses_routes_need_the_bearer_token(
+    serve: Serve, sim: Simulator, log: EventLog, headers: dict[str, str]
+) -> None:
+    async with serve(token=TOKEN) as server:
+        async with raw(server) as http:
+            refused = [
+                await http.post("responses", json=RESPONSE, headers=headers),
+                await http.get("responses/resp_x", headers=headers),
+                await http.post("responses/resp_x/cancel", headers=headers),
+            ]
+        assert sim.stats.requests == 0
+        async with caller(server, api_key=TOKEN) as client:
+            created = await client.responses.create(model="sim-long", input=QUESTION, background=True)
+            seen = await client.responses.retrieve(created.id)
+            cancelled = await client.responses.cancel(created.id)
+    for response in refused:
+        assert assert_openai_error(response, 401)["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert seen.id == cancelled.id == created.id
+    assert cancelled.status == "cancelled"
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.api, call.status) == ("responses", "cancelled")
+
+
+async def test_upstream_error_on_a_response_reaches_the_remote_caller_without_the_servers_key(log: EventLog) -> None:
+    key = "sk-server-upstream-4b7e21"
+    sim = Simulator([SimModel(name="echo", fault=Fault(kind="echo_key"))])
+    client = moa_stream.wrap(sim_client(sim, max_retries=0, api_key=key), sinks=[log])
+    async with Server(create_app(client), port=0, graceful_timeout=5) as server, raw(server) as http:
+        response = await http.post("responses", json={"model": "echo", "input": QUESTION})
+    error = assert_openai_error(response, 401)
+    assert key not in response.text
+    assert "[REDACTED]" in error["message"]
+    [call] = log.of(moa_stream.CallUsage)
+    assert (call.api, call.status, call.http_status) == ("responses", "error", 401)
+
+
+async def test_client_leaving_a_response_stream_mid_way_closes_the_upstream_stream(
+    serve: Serve, sim: Simulator, log: EventLog
+) -> None:
+    async with serve() as server, raw(server) as http:
+        long = {"model": "sim-long", "input": QUESTION, "stream": True}
+        async with http.stream("POST", "responses", json=long) as response:
+            chunks = response.aiter_bytes()
+            await anext(chunks)
+        await log.wait_turns(1)
+        [call] = log.of(moa_stream.CallUsage)
+        assert (call.api, call.status) == ("responses", "closed_early")
+        with anyio.fail_after(5):
+            await sim.wait_idle()
+        assert sim.stats.open_streams == 0

@@ -7,7 +7,7 @@ import queue
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
 import anyio
 import openai
@@ -23,6 +23,8 @@ from ._local import LOCAL_MODEL, LocalServer
 
 SIM_PRESET = Preset(references=["sim-small", "sim-medium", "sim-reasoner"], aggregator="sim-large")
 QUESTION = "In two sentences: why do streaming APIs need careful resource cleanup?"
+DemoApi = Literal["chat", "responses"]
+"""The API the demo asks its turn through: chat completions, or the Responses API."""
 
 # SmolLM2-135M three times over, made to differ by temperature and instruction; the token limits keep
 # a turn (four generations, one at a time in the server) to well under a minute on two CPU cores.
@@ -68,11 +70,12 @@ async def run_demo(
     presets: Mapping[str, Preset] | None = None,
     trace_dir: Path,
     session_id: str = "demo",
+    api: DemoApi = "chat",
     out: TextIO = sys.stdout,
 ) -> list[CallUsage]:
     """Run one MoA turn with a progress line per reference, stream the aggregator's answer, then
     print every call's usage and where the trace file is. `presets` replaces the ones `demo_presets`
-    would build."""
+    would build; `api` is the API the turn is asked through (chat completions or Responses)."""
     if presets is None:
         presets = demo_presets(base_url=base_url, models=models, aggregator=aggregator, config=config)
     name = preset or next(iter(presets), "")
@@ -94,20 +97,13 @@ async def run_demo(
         progress.put(event)
 
     client = wrap(upstream, sinks=[sink], trace_dir=trace_dir, presets=presets)
-    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
-    print(f"moa_stream demo: preset moa:{name} against {where}\n\n> {QUESTION}\n", file=out, flush=True)
+    through = " through the Responses API" if api == "responses" else ""
+    print(f"moa_stream demo: preset moa:{name} against {where}{through}\n\n> {QUESTION}\n", file=out, flush=True)
     with session(session_id) as sid:
         async with client, anyio.create_task_group() as tasks:
             tasks.start_soon(_show_progress, progress, out)
             try:
-                # The usage chunk is asked for as any caller who shows usage would.
-                stream = await client.chat.completions.create(
-                    model=f"moa:{name}", messages=messages, stream=True, stream_options={"include_usage": True}
-                )
-                async with stream:
-                    async for chunk in stream:
-                        if chunk.choices and chunk.choices[0].delta.content:
-                            print(chunk.choices[0].delta.content, end="", file=out, flush=True)
+                await _stream_answer(client, f"moa:{name}", api, out)
                 print("\n", file=out)
             finally:
                 progress.put(None)  # stops the progress printer
@@ -119,12 +115,37 @@ async def run_demo(
     return calls
 
 
-async def run_local_demo(*, trace_dir: Path, out: TextIO = sys.stdout) -> list[CallUsage]:
+async def _stream_answer(client: openai.AsyncOpenAI, model: str, api: DemoApi, out: TextIO) -> None:
+    """Ask for the turn through `api` and print the answer's text as it streams."""
+    if api == "responses":
+        events = await client.responses.create(model=model, input=QUESTION, stream=True)
+        async with events:
+            async for event in events:
+                if event.type == "response.output_text.delta":
+                    print(event.delta, end="", file=out, flush=True)
+        return
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
+    # The usage chunk is asked for as any caller who shows usage would.
+    chunks = await client.chat.completions.create(
+        model=model, messages=messages, stream=True, stream_options={"include_usage": True}
+    )
+    async with chunks:
+        async for chunk in chunks:
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", file=out, flush=True)
+
+
+async def run_local_demo(*, trace_dir: Path, api: DemoApi = "chat", out: TextIO = sys.stdout) -> list[CallUsage]:
     """The demo on SmolLM2-135M served by llama.cpp on loopback (the `local` extra), started and stopped here."""
     async with LocalServer() as server:
         print(f"llama.cpp serves {server.gguf.name} as {server.model!r} at {server.base_url}", file=out, flush=True)
         return await run_demo(
-            base_url=server.base_url, api_key="none", presets={"local": LOCAL_PRESET}, trace_dir=trace_dir, out=out
+            base_url=server.base_url,
+            api_key="none",
+            presets={"local": LOCAL_PRESET},
+            trace_dir=trace_dir,
+            api=api,
+            out=out,
         )
 
 

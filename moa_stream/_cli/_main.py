@@ -32,6 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--aggregator", help="aggregator model (default: the first --model)")
     demo.add_argument("--trace-dir", type=Path, default=Path("traces"), help="where trace files go (default: traces)")
     demo.add_argument(
+        "--api",
+        choices=("chat", "responses"),
+        default="chat",
+        help="the API the turn is asked through: chat runs it as a streamed chat completion "
+        "(client.chat.completions.create), responses as a streamed Responses API call (client.responses.create, "
+        "the answer printed from its response.output_text.delta events); default: chat",
+    )
+    demo.add_argument(
         "--local", action="store_true", help="SmolLM2-135M on a llama.cpp server started here (the `local` extra)"
     )
 
@@ -73,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo.error("--local brings its own server and preset: no --base-url, --config, --model or --aggregator")
         from ._demo import run_local_demo
 
-        return _local(lambda: run_local_demo(trace_dir=args.trace_dir))
+        return _local(lambda: run_local_demo(trace_dir=args.trace_dir, api=args.api))
     if args.command == "demo":
         from .._errors import ConfigError
         from ._demo import run_demo
@@ -88,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     config=args.config,
                     preset=args.preset,
                     trace_dir=args.trace_dir,
+                    api=args.api,
                 )
             )
         except ConfigError as exc:  # a bad preset or a key variable that is not set: one line, no traceback
@@ -99,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout")
+BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout", "responses")
 """The sections of `benchmarks/suite.py`, named here so that `--help` works without a checkout."""
 
 

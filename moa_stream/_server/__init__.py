@@ -1,7 +1,8 @@
 """`moa-stream serve`: the presets and the upstream's models behind an OpenAI-compatible HTTP endpoint.
 
 One wrapped client answers every request, so metering, traces and MoA turns are exactly the library's:
-a request's body goes to `client.post("/chat/completions")` as it arrived, and the upstream's response
+a request's body goes to `client.post("/chat/completions")` or `client.post("/responses")` as it arrived
+(a retrieve or cancel of a stored response to `client.get`/`client.post`), and the upstream's response
 bytes (SSE or JSON) come back as they arrive. The app is Starlette routes with plain ASGI responses;
 `Server` runs it with uvicorn. Both are the optional `server` extra, imported only when an app is built
 or served, so the rest of the package (and `moa-stream --help`) works without them.

@@ -1,5 +1,5 @@
-"""The app of `moa-stream serve`: chat requests forwarded through one wrapped client, the answer
-relayed as the upstream sent it, and the presets listed beside the upstream's models."""
+"""The app of `moa-stream serve`: chat and Responses requests forwarded through one wrapped client, the
+answer relayed as the upstream sent it, and the presets listed beside the upstream's models."""
 
 from __future__ import annotations
 
@@ -7,149 +7,39 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgspec
 import openai
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
 
 from .._errors import error_json
 from .._moa import MOA_PREFIX
 from .._sdk import find_engine
 from .._session import SESSION_HEADER
 from .._wire import any_decoder, json_encoder
-from ._asgi import (
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CONCURRENT_PER_CLIENT,
-    RETRY_AFTER_S,
-    Limits,
-    Receive,
-    Reply,
-    Scope,
-    Send,
-    encoded,
-    error_reply,
-    relayed,
-)
+from ._asgi import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_PER_CLIENT, Limits, Reply, error_reply
+from ._forward import Forward, Outgoing
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
 
-# After the client leaves mid-stream, the relay stops at the next chunk and closes the upstream
-# itself (the call ends `closed_early`, as when an SDK caller breaks off); an upstream that sends
-# nothing within this time is cancelled instead.
-_DISCONNECT_GRACE_S = 1.0
 # On shutdown, after uvicorn has finished or cancelled the open responses: how long to wait for
 # them to unwind before the client is closed (which drains events and trace lines).
 _UNWIND_S = 5.0
 
 logger = logging.getLogger("moa_stream.server")
 
-
-class _Forward:
-    """One chat request sent through the wrapped client, its answer relayed as an ASGI response.
-
-    Holds a concurrency slot for the whole exchange. The upstream's status, content type and bytes go
-    back as they arrive; `openai.APIStatusError` goes back with the upstream's status and body. A client
-    that leaves closes the upstream response (see `_DISCONNECT_GRACE_S`).
-    """
-
-    def __init__(
-        self, client: openai.AsyncOpenAI, body: bytes, headers: dict[str, str], *, limits: Limits, key: str
-    ) -> None:
-        # The upstream's key is the server's, not the remote caller's: an error body that echoes it
-        # (some gateways do) goes back without it.
-        self._upstream_key = client.api_key.encode() if len(client.api_key) >= 8 else None
-        self._client = client
-        self._body = body
-        self._headers = headers
-        self._limits = limits
-        self._key = key
-        self._relaying = False
-        self._peer_gone = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._limits.try_acquire(self._key):
-            refusal = error_reply(
-                429,
-                f"too many concurrent requests from this client (limit {self._limits.per_client})",
-                code="rate_limit_exceeded",
-                headers={"retry-after": str(RETRY_AFTER_S)},
-            )
-            await refusal.send_to(send)
-            return
-        try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._watch_peer, receive, task_group.cancel_scope)
-                await self._exchange(send)
-                task_group.cancel_scope.cancel()
-        finally:
-            self._limits.release(self._key)
-
-    async def _watch_peer(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        # The body has been read: the next message is the client leaving (or the response ending).
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._peer_gone = True
-        if self._relaying:
-            await anyio.sleep(_DISCONNECT_GRACE_S)
-        scope.cancel()
-
-    async def _exchange(self, send: Send) -> None:
-        try:
-            stream = await self._client.post(
-                "/chat/completions",
-                cast_to=ChatCompletion,
-                content=self._body,
-                options={"headers": self._headers},
-                stream=True,  # for the SDK: hand back the response unread, whatever the body asks for
-                stream_cls=openai.AsyncStream[ChatCompletionChunk],
-            )
-        except openai.APIStatusError as exc:
-            content = exc.response.content
-            if self._upstream_key is not None:
-                content = content.replace(self._upstream_key, b"[REDACTED]")
-            await Reply(exc.status_code, content, headers=relayed(exc.response.headers)).send_to(send)
-            return
-        except openai.APITimeoutError:
-            await error_reply(504, "the upstream did not answer in time", code="upstream_timeout").send_to(send)
-            return
-        except openai.APIConnectionError:
-            await error_reply(502, "the upstream could not be reached", code="upstream_unreachable").send_to(send)
-            return
-        except Exception:
-            logger.exception("chat request failed before the upstream answered")
-            await error_reply(500, "internal error in moa-stream serve").send_to(send)
-            return
-
-        response = stream.response
-        chunks = response.aiter_bytes()
-        try:
-            start = {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": encoded(relayed(response.headers)),
-            }
-            await send(start)
-            self._relaying = True
-            async for chunk in chunks:
-                if self._peer_gone:
-                    break
-                try:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except OSError:  # how servers of ASGI 2.4 and later say the client has gone
-                    break
-            else:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                await stream.close()
+# The SDK's types for each endpoint (see `Outgoing`).
+_CHAT = (ChatCompletion, openai.AsyncStream[ChatCompletionChunk])
+_RESPONSES = (Response, openai.AsyncStream[ResponseStreamEvent])
+# Path segments an HTTP client would resolve away, sending the request somewhere else upstream.
+_DOT_SEGMENTS = frozenset({".", ".."})
 
 
 class _Endpoints:
@@ -203,7 +93,22 @@ class _Endpoints:
             if not message.get("more_body", False):
                 return bytes(body)
 
-    async def chat_completions(self, request: Request) -> Reply | _Forward:
+    async def chat_completions(self, request: Request) -> Reply | Forward:
+        return await self._create(request, "/chat/completions", _chat_problem, _CHAT)
+
+    async def responses(self, request: Request) -> Reply | Forward:
+        return await self._create(request, "/responses", _responses_problem, _RESPONSES)
+
+    async def retrieve_response(self, request: Request) -> Reply | Forward:
+        return await self._look(request, "GET", "")
+
+    async def cancel_response(self, request: Request) -> Reply | Forward:
+        return await self._look(request, "POST", "/cancel")
+
+    async def _create(
+        self, request: Request, path: str, problem_of: _Check, types: tuple[type[Any], type[openai.AsyncStream[Any]]]
+    ) -> Reply | Forward:
+        """A request that makes a call: its body goes upstream as it arrived, once it is one at all."""
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
@@ -218,7 +123,7 @@ class _Endpoints:
             return error_reply(
                 400, f"the request body is not valid JSON: invalid UTF-8 at byte {exc.start} ({exc.reason})"
             )
-        problem = _problem(payload)
+        problem = _problem(payload, problem_of)
         if problem is not None:
             message, param = problem
             return error_reply(400, message, param=param)
@@ -226,7 +131,28 @@ class _Endpoints:
         session_id = request.headers.get(SESSION_HEADER)
         if session_id:
             headers[SESSION_HEADER] = session_id  # the library reads it and removes it before upstream
-        return _Forward(self.client, body, headers, limits=self.limits, key=self._client_key(request))
+        return self._forward(request, Outgoing("POST", path, body, headers, *types))
+
+    async def _look(self, request: Request, method: Literal["GET", "POST"], suffix: str) -> Reply | Forward:
+        """A retrieve or cancel of a stored response: relayed with its query (`?stream=true` resumes a
+        background response's events), so the library sees a background response finish."""
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        # Read even when empty: the relay takes the next message for the client leaving.
+        body = await self._read_body(request)
+        if isinstance(body, Reply):
+            return body
+        response_id: str = request.path_params["response_id"]
+        if response_id in _DOT_SEGMENTS:
+            return error_reply(404, f"Response with id {response_id!r} not found.")
+        path = f"/responses/{urllib.parse.quote(response_id, safe='')}{suffix}"
+        if request.url.query:
+            path += f"?{request.url.query}"
+        return self._forward(request, Outgoing(method, path, body, {}, *_RESPONSES))
+
+    def _forward(self, request: Request, outgoing: Outgoing) -> Forward:
+        return Forward(self.client, outgoing, limits=self.limits, key=self._client_key(request))
 
     async def models(self, request: Request) -> Reply:
         refusal = self._refusal(request)
@@ -254,19 +180,40 @@ def preset_names(client: openai.AsyncOpenAI) -> list[str]:
     return sorted(engine.presets)
 
 
-def _problem(payload: object) -> tuple[str, str | None] | None:
-    """What makes `payload` no chat request at all (message, param), or None. The rest is the upstream's to judge."""
+_Problem = tuple[str, str | None]
+"""What makes a body no request of its endpoint: (message, param)."""
+_Check = Callable[[dict[str, Any]], _Problem | None]
+
+
+def _problem(payload: object, problem_of: _Check) -> _Problem | None:
+    """What makes `payload` no request at all, or None. The rest is the upstream's to judge."""
     if not isinstance(payload, dict):
         return f"the request body must be a JSON object, got {type(payload).__name__}", None
-    if "model" not in payload:
-        return "you must provide a model parameter", "model"
+    return problem_of(payload)
+
+
+def _model_problem(payload: dict[str, Any]) -> _Problem | None:
     if not isinstance(payload["model"], str) or not payload["model"]:
         return "'model' must be a non-empty string", "model"
+    return None
+
+
+def _chat_problem(payload: dict[str, Any]) -> _Problem | None:
+    if "model" not in payload:
+        return "you must provide a model parameter", "model"
+    if problem := _model_problem(payload):
+        return problem
     if "messages" not in payload:
         return "you must provide a messages parameter", "messages"
     if not isinstance(payload["messages"], list):
         return "'messages' must be an array of messages", "messages"
     return None
+
+
+def _responses_problem(payload: dict[str, Any]) -> _Problem | None:
+    # Every field of a Responses create is optional (a stored `prompt` may name the model, a `conversation`
+    # or `previous_response_id` carry the input): the upstream judges, only a model to route by is checked.
+    return None if payload.get("model") is None else _model_problem(payload)
 
 
 def create_app(
@@ -276,12 +223,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrent_per_client: int = DEFAULT_MAX_CONCURRENT_PER_CLIENT,
 ) -> Starlette:
-    """An ASGI app serving `/v1/chat/completions` and `/v1/models` through `client` (from `wrap()`).
+    """An ASGI app serving `/v1/chat/completions`, `/v1/responses` (create, and retrieve and cancel by id)
+    and `/v1/models` through `client` (from `wrap()`).
 
     With `token`, every request needs `Authorization: Bearer <token>` (401 otherwise). Bodies over
-    `max_body_bytes` are a 413, malformed ones a 400, and more than `max_concurrent_per_client` chat
-    requests in flight from one client (its token, else its address) a 429 with `retry-after`. Errors
-    are in OpenAI's JSON shape. The app owns `client`: its lifespan's end closes it, which drains
+    `max_body_bytes` are a 413, malformed ones a 400, and more than `max_concurrent_per_client`
+    forwarded requests in flight from one client (its token, else its address) a 429 with `retry-after`.
+    Errors are in OpenAI's JSON shape. The app owns `client`: its lifespan's end closes it, which drains
     pending events and trace lines.
     """
     from starlette.applications import Starlette
@@ -319,6 +267,9 @@ def create_app(
     return Starlette(
         routes=[
             Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
+            Route("/v1/responses", endpoints.responses, methods=["POST"]),
+            Route("/v1/responses/{response_id}", endpoints.retrieve_response, methods=["GET"]),
+            Route("/v1/responses/{response_id}/cancel", endpoints.cancel_response, methods=["POST"]),
             Route("/v1/models", endpoints.models, methods=["GET"]),
         ],
         exception_handlers={HTTPException: route_error},

@@ -30,8 +30,9 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "serve",
         help="serve presets over an OpenAI-compatible HTTP endpoint",
         description=(
-            "Serve /v1/chat/completions (SSE and JSON) and /v1/models: the presets as moa:<name> plus the "
-            "upstream's models, every call metered. Needs the server extra: pip install 'moa-stream[server]'."
+            "Serve /v1/chat/completions and /v1/responses (SSE and JSON; retrieve and cancel by id too) and "
+            "/v1/models: the presets as moa:<name> plus the upstream's models, every call metered. Needs the "
+            "server extra: pip install 'moa-stream[server]'."
         ),
     )
     serve.add_argument("--config", type=Path, help="a moa.toml with [presets.<name>] tables")
@@ -59,7 +60,7 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         type=_positive_int,
         default=DEFAULT_MAX_CONCURRENT_PER_CLIENT,
         metavar="N",
-        help=f"chat requests in flight per client (default: {DEFAULT_MAX_CONCURRENT_PER_CLIENT})",
+        help=f"requests in flight per client (default: {DEFAULT_MAX_CONCURRENT_PER_CLIENT})",
     )
 
 
