@@ -50,6 +50,7 @@ async def run_moa_turn(
         known = ", ".join(f"moa:{n}" for n in sorted(engine.presets)) or "none are configured"
         message = f"unknown MoA preset {model!r}; presets: {known}"
         return _refused(turn, default, 404, message, param="model", code="model_not_found")
+    conversation: list[Any] | None = None
     if api == "chat":
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -60,13 +61,17 @@ async def run_moa_turn(
             return _refused(turn, default, 400, f"{model}: 'input' must be a non-empty string or list", param="input")
         previous = payload.get("previous_response_id")
         earlier = engine.transcripts.get(previous) if isinstance(previous, str) else None
-        messages = [*(earlier or []), *to_messages(payload.get("instructions"), given)]
+        conversation = [*(earlier or []), *to_messages(None, given)]
+        # Instructions apply to their own request only (the API does not carry them over a
+        # previous_response_id), so they head this turn's messages and stay out of its transcript.
+        messages = [*to_messages(payload.get("instructions"), []), *conversation]
     try:
         slots = [*(slot for layer in preset.reference_layers() for slot in layer), preset.aggregator_slot()]
         upstreams = {slot.label: engine.slots.upstream_for(slot, default) for slot in slots}
     except SlotError as exc:
         return _refused(turn, default, 500, f"{model}: {exc}")
     moa = MoaTurn(engine, turn, name, preset, default, payload, messages, upstreams, api=api)
+    moa.conversation = conversation
     try:
         # Stragglers cancelled by the quorum rule wind down in this group while the aggregator's
         # request goes out; leaving it waits for them, after the response has arrived.
@@ -125,6 +130,8 @@ class MoaTurn(AggregatorStep):
         self.aggregator_wait_s: float | None = None
         self.served_id: str | None = None
         """The response id given to the caller, when the answer was bridged from chat completions."""
+        self.conversation: list[Any] | None = None
+        """A Responses API turn's conversation without its instructions: what its transcript keeps."""
 
     def seal(self) -> None:
         """No more calls: the turn ends with what it did, and its MoA facts in the trace."""
@@ -132,7 +139,7 @@ class MoaTurn(AggregatorStep):
             preset=self.name,
             cadence=self.cadence,
             aggregator_wait_s=self.aggregator_wait_s,
-            conversation=self.messages if self.api == "responses" else None,
+            conversation=self.conversation,
             served_id=self.served_id,
         )
         self.turn.seal(facts)

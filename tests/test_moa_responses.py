@@ -145,6 +145,33 @@ async def test_previous_response_id_gives_the_references_the_whole_conversation(
     assert any("And on Sunday?" in t for t in texts)
 
 
+async def test_instructions_of_a_chained_turn_are_its_own_and_come_first(
+    wrapped: Any, log: EventLog, sim: Simulator
+) -> None:
+    # The API applies `instructions` to their own request only: a follow-up by previous_response_id
+    # that repeats them (as the Agents SDK and pydantic-ai do) has them once, ahead of the transcript,
+    # and never a system message between a tool call and its output (OpenAI refuses that order).
+    client = wrapped(presets=PRESETS)
+    first = await client.responses.create(model="moa:trio", instructions="First rules.", input=QUESTION, tools=[TOOL])
+    [call] = [item for item in first.output if item.type == "function_call"]
+    output: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    second = await client.responses.create(
+        model="moa:trio", instructions="Second rules.", previous_response_id=first.id, input=output, tools=[TOOL]
+    )
+    assert second.status == "completed"  # the simulator refuses a tool message out of place, as OpenAI does
+    await log.wait_turns(2)
+    view = next(c for c in log.of(moa_stream.TurnTrace)[1].calls if c.role == "reference").input_messages
+    texts = " ".join(str(m.get("content")) for m in view)
+    assert "Second rules." in texts
+    assert "First rules." not in texts
+    if not native(sim):  # bridged: the whole conversation went as one chat completion
+        sent = sim.requests_seen[-1]["messages"]
+        roles_sent = [m["role"] for m in sent]
+        assert roles_sent[0] == "system"
+        assert "system" not in roles_sent[roles_sent.index("user") :]
+        assert not any("First rules." in str(m.get("content")) for m in sent)
+
+
 async def test_a_function_call_loop_reuses_the_references(wrapped: Any, log: EventLog) -> None:
     client = wrapped(presets=PRESETS)
     first = await client.responses.create(model="moa:trio", input=QUESTION, tools=[TOOL])

@@ -523,6 +523,48 @@ async def test_missing_messages_is_400_naming_the_param() -> None:
     assert json.loads(await read_body(response))["error"]["param"] == "messages"
 
 
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "says"),
+    [
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_1", "content": "x"}], 1, "'tool'"),
+        (
+            [
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "system", "content": "later rules"},
+                {"role": "tool", "tool_call_id": "call_1", "content": "x"},
+            ],
+            0,
+            "call_1",
+        ),
+    ],
+    ids=["tool-without-call", "call-without-output"],
+)
+async def test_tool_messages_out_of_place_are_400_as_openai_says(
+    messages: list[dict[str, object]], param: int, says: str
+) -> None:
+    body = json.dumps({"model": "m", "messages": messages}).encode()
+    response = await Simulator().handle("POST", "/v1/chat/completions", {}, body)
+    assert response.status == 400
+    error = json.loads(await read_body(response))["error"]
+    assert error["param"] == f"messages.[{param}].role"
+    assert says in error["message"]
+
+
+async def test_tool_messages_answering_their_calls_are_accepted() -> None:
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "x"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "y"},
+        {"role": "user", "content": "thanks"},
+    ]
+    body = json.dumps({"model": "m", "messages": messages}).encode()
+    assert (await Simulator().handle("POST", "/v1/chat/completions", {}, body)).status == 200
+
+
 async def test_every_response_carries_a_request_id() -> None:
     sim = Simulator()
     responses = [

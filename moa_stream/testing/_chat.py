@@ -85,6 +85,8 @@ def validate(request: dict[str, Any]) -> tuple[str, str] | None:
         return "messages", "'messages' must be a non-empty array"
     if not all(isinstance(m, dict) for m in messages):
         return "messages", "each entry of 'messages' must be an object"
+    if (problem := _tool_order_problem(messages)) is not None:
+        return problem
     for param in ("max_tokens", "max_completion_tokens"):
         value = request.get(param)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -95,6 +97,35 @@ def validate(request: dict[str, Any]) -> tuple[str, str] | None:
     temperature = request.get("temperature")
     if temperature is not None and (not isinstance(temperature, int | float) or isinstance(temperature, bool)):
         return "temperature", f"'temperature' must be a number, got {temperature!r}"
+    return None
+
+
+def _tool_order_problem(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """OpenAI's rule for tool messages: they answer, right after it, each call of the assistant
+    message before them (a conversation rebuilt in the wrong order is refused upstream)."""
+    open_ids: set[str] | None = None  # the calls still unanswered, while inside a tool-call block
+    opened_at = 0
+    for index, message in enumerate(messages):
+        role = message.get("role")
+        if role == "tool":
+            if open_ids is None:
+                return (
+                    f"messages.[{index}].role",
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
+                    "with 'tool_calls'.",
+                )
+            open_ids.discard(str(message.get("tool_call_id")))
+            continue
+        if open_ids:
+            missing = ", ".join(sorted(open_ids))
+            return (
+                f"messages.[{opened_at}].role",
+                "An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+                f"'tool_call_id'. The following tool_call_ids did not have response messages: {missing}",
+            )
+        calls = message.get("tool_calls") if role == "assistant" else None
+        open_ids = {str(call.get("id")) for call in calls if isinstance(call, dict)} if calls else None
+        opened_at = index
     return None
 
 
