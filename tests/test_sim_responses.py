@@ -147,8 +147,8 @@ async def test_lifecycle_snapshots_have_no_output_and_the_terminal_event_has_usa
 
 
 async def test_ttft_delays_the_first_delta(api: openai.AsyncOpenAI) -> None:
+    start = anyio.current_time()  # before the request: the simulator's delay starts when it arrives
     stream = await api.responses.create(model="ttft", input=QUESTION, stream=True)
-    start = anyio.current_time()
     first = await stream.__anext__()
     async for event in stream:
         if event.type == "response.output_text.delta":
