@@ -15,6 +15,9 @@ import moa_stream
 from moa_stream._sdk import default_http_module
 from moa_stream.testing import Fault, SimModel, SimServer, Simulator, sim_client
 
+# The framework adapter tests' fixtures (a network guard, `native`), there for every module.
+pytest_plugins = ["tests.frameworks"]
+
 E = TypeVar("E")
 USER = [{"role": "user", "content": "Tell me about streams"}]
 

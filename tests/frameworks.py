@@ -1,10 +1,14 @@
-"""Shared by the framework adapter tests: a network guard and our per-turn view of the events."""
+"""Shared by the framework adapter tests: a network guard and our per-turn view of the events.
+
+A plugin of `tests/conftest.py`, so its fixtures (`offline`, `native`) are there for every test module.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
 import socket
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pytest
@@ -41,6 +45,37 @@ def guard_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
     return attempts
+
+
+weather_calls: list[dict[str, Any]] = []
+"""Every call of `get_weather`, the tool the frameworks execute (clear it before a run)."""
+
+
+def get_weather(city: str, days: int) -> str:
+    """The weather forecast for a city.
+
+    Args:
+        city: The city.
+        days: How many days ahead.
+    """
+    weather_calls.append({"city": city, "days": days})
+    return f"sunny in {city} for {days} days"
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refuse (and fail the test on) any connection or name lookup beyond loopback; frameworks that
+    read OPENAI_API_KEY find a dummy one. Use with `pytestmark = pytest.mark.usefixtures("offline")`."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
+    attempts = guard_network(monkeypatch)
+    yield
+    assert not attempts, f"tried to reach the network: {attempts}"
+
+
+@pytest.fixture
+def native() -> bool:
+    """Whether the simulator serves `/responses` (NATIVE_OR_BRIDGED parametrizes it)."""
+    return True
 
 
 class MeteredTurn(NamedTuple):

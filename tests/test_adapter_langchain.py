@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
@@ -22,7 +22,8 @@ from moa_stream.adapters.langchain import chat_openai
 from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
-from .frameworks import guard_network, metered_turns
+from .frameworks import get_weather as weather_function
+from .frameworks import metered_turns, weather_calls
 
 Wrapped = Callable[..., openai.AsyncOpenAI]
 PRESETS = {
@@ -31,19 +32,13 @@ PRESETS = {
     "slow": Preset(references=["ref-a", "ref-b"], aggregator="agg-slow"),
 }
 
+pytestmark = pytest.mark.usefixtures("offline")
+
 
 @pytest.fixture
 def sim() -> Simulator:
     names = ("ref-a", "ref-b", "agg", "plain")
     return Simulator([*(SimModel(name=name) for name in names), SimModel(name="agg-slow", tokens_per_s=100.0)])
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
 
 
 def reported(message: BaseMessage) -> tuple[int, int]:
@@ -52,14 +47,7 @@ def reported(message: BaseMessage) -> tuple[int, int]:
     return message.usage_metadata["input_tokens"], message.usage_metadata["output_tokens"]
 
 
-weather_calls: list[dict[str, Any]] = []
-
-
-@tool
-def get_weather(city: str, days: int) -> str:
-    """The weather forecast for a city."""
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
+get_weather = tool(weather_function)
 
 
 async def streamed(chat: Any, messages: list[BaseMessage]) -> AIMessageChunk:

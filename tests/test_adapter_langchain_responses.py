@@ -12,7 +12,7 @@ Everything runs on the embedded simulator; a guard fails the test if anything le
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
@@ -29,10 +29,13 @@ from .conftest import EventLog
 from .frameworks import (
     EARLY_BRIDGED,
     NATIVE_OR_BRIDGED,
-    guard_network,
     metered_api_turns,
     misplaced_chat_messages,
     moa_tool_loop,
+    weather_calls,
+)
+from .frameworks import (
+    get_weather as weather_function,
 )
 
 Wrapped = Callable[..., openai.AsyncOpenAI]
@@ -43,11 +46,7 @@ PRESETS = {
     "slow": Preset(references=["ref-a", "ref-b"], aggregator="agg-slow"),
 }
 
-
-@pytest.fixture
-def native() -> bool:
-    """Whether the simulator serves `/responses` (NATIVE_OR_BRIDGED parametrizes it)."""
-    return True
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture
@@ -55,14 +54,6 @@ def sim(native: bool) -> Simulator:
     names = ("ref-a", "ref-b", "agg", "plain")
     slow = SimModel(name="agg-slow", tokens_per_s=100.0)
     return Simulator([*(SimModel(name=name) for name in names), slow], responses=native)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
 
 
 def reported(message: BaseMessage) -> tuple[int, int]:
@@ -79,14 +70,7 @@ def text_of(message: BaseMessage) -> str:
     return "".join(str(block.get("text", "")) for block in content if isinstance(block, dict))
 
 
-weather_calls: list[dict[str, Any]] = []
-
-
-@tool
-def get_weather(city: str, days: int) -> str:
-    """The weather forecast for a city."""
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
+get_weather = tool(weather_function)
 
 
 async def streamed(chat: Any, messages: list[BaseMessage]) -> AIMessageChunk:

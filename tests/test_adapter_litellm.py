@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import openai
@@ -20,13 +20,16 @@ from moa_stream.adapters.litellm import acompletion_kwargs
 from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
-from .frameworks import guard_network, metered_turns
+from .frameworks import get_weather, metered_turns, weather_calls
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # read by `import litellm`
 import litellm
 
 # LiteLLM's stream chunk builder reads pydantic fields the deprecated way: its noise, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211:litellm")
+pytestmark = [
+    pytest.mark.usefixtures("offline"),
+    pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211:litellm"),
+]
 
 Wrapped = Callable[..., openai.AsyncOpenAI]
 PRESETS = {
@@ -55,13 +58,8 @@ def sim() -> Simulator:
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
+def bundled_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(litellm, "disable_hf_tokenizer_download", True)  # token counts use the bundled tiktoken
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
 
 
 class Reply(NamedTuple):
@@ -85,14 +83,6 @@ async def complete(client: openai.AsyncOpenAI, model: str, messages: list[Any], 
         usage = response.usage
     message = response.choices[0].message.model_dump(exclude_none=True)
     return Reply(message, (usage.prompt_tokens, usage.completion_tokens))
-
-
-weather_calls: list[dict[str, Any]] = []
-
-
-def get_weather(city: str, days: int) -> str:
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
 
 
 async def tool_loop(client: openai.AsyncOpenAI, model: str, *, stream: bool) -> list[Reply]:

@@ -37,7 +37,14 @@ from moa_stream.adapters.litellm import aresponses_kwargs
 from moa_stream.testing import Fault, SimModel, Simulator
 
 from .conftest import EventLog
-from .frameworks import NATIVE_OR_BRIDGED, guard_network, metered_api_turns, misplaced_chat_messages, moa_tool_loop
+from .frameworks import (
+    NATIVE_OR_BRIDGED,
+    get_weather,
+    metered_api_turns,
+    misplaced_chat_messages,
+    moa_tool_loop,
+    weather_calls,
+)
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # read by `import litellm`
 import litellm
@@ -48,6 +55,7 @@ from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
 # LiteLLM's response types read pydantic fields the deprecated way, and its stream logging puts a
 # chat-style usage dict into a ResponsesAPIResponse it then serializes: its noise, not ours.
 pytestmark = [
+    pytest.mark.usefixtures("offline"),
     pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince211:litellm"),
     pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning"),
 ]
@@ -68,25 +76,14 @@ WEATHER_TOOL = {
 
 
 @pytest.fixture
-def native() -> bool:
-    """Whether the simulator serves `/responses` (NATIVE_OR_BRIDGED parametrizes it)."""
-    return True
-
-
-@pytest.fixture
 def sim(native: bool) -> Simulator:
     models = [SimModel(name=name) for name in ("ref-a", "ref-b", "agg", "plain")]
     return Simulator([*models, SimModel(name="limited", fault=Fault(kind="http_429"))], responses=native)
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
+def bundled_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(litellm, "disable_hf_tokenizer_download", True)  # token counts use the bundled tiktoken
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
 
 
 @contextlib.contextmanager
@@ -136,14 +133,6 @@ async def respond(kwargs: dict[str, Any], input: Any, mode: Mode) -> Reply:
     assert response.usage is not None
     output = [item if isinstance(item, dict) else item.model_dump() for item in response.output]
     return Reply(output, (response.usage.input_tokens, response.usage.output_tokens))
-
-
-weather_calls: list[dict[str, Any]] = []
-
-
-def get_weather(city: str, days: int) -> str:
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
 
 
 async def tool_loop(kwargs: dict[str, Any], mode: Mode) -> list[Reply]:

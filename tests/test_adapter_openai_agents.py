@@ -6,7 +6,7 @@ runs on the embedded simulator with tracing off; a guard fails the test if anyth
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
@@ -30,7 +30,8 @@ from moa_stream._sdk import find_engine
 from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
-from .frameworks import guard_network, metered_turns
+from .frameworks import get_weather as weather_function
+from .frameworks import metered_turns, weather_calls
 
 Wrapped = Callable[..., openai.AsyncOpenAI]
 Run = Callable[[Agent[Any], str], Awaitable[RunResult | RunResultStreaming]]
@@ -43,6 +44,8 @@ QUESTION = "What is the weather in Lisbon?"
 
 set_tracing_disabled(True)  # nothing to export: the SDK's trace exporter would call api.openai.com
 
+pytestmark = pytest.mark.usefixtures("offline")
+
 
 @pytest.fixture
 def sim() -> Simulator:
@@ -50,33 +53,12 @@ def sim() -> Simulator:
     return Simulator([*(SimModel(name=name) for name in names), SimModel(name="agg-slow", tokens_per_s=100.0)])
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
-
-
 def reported(result: RunResult | RunResultStreaming) -> list[tuple[int, int]]:
     """The (input, output) tokens the SDK recorded for each model response of the run."""
     return [(r.usage.input_tokens, r.usage.output_tokens) for r in result.raw_responses]
 
 
-weather_calls: list[dict[str, Any]] = []
-
-
-@function_tool
-def get_weather(city: str, days: int) -> str:
-    """The weather forecast for a city.
-
-    Args:
-        city: The city.
-        days: How many days ahead.
-    """
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
+get_weather = function_tool(weather_function)
 
 
 def weather_agent(client: openai.AsyncOpenAI, model: str, **settings: Any) -> Agent[Any]:

@@ -13,7 +13,7 @@ leaves loopback.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
@@ -41,10 +41,13 @@ from .conftest import EventLog
 from .frameworks import (
     EARLY_BRIDGED,
     NATIVE_OR_BRIDGED,
-    guard_network,
     metered_api_turns,
     misplaced_chat_messages,
     moa_tool_loop,
+    weather_calls,
+)
+from .frameworks import (
+    get_weather as weather_function,
 )
 
 Wrapped = Callable[..., openai.AsyncOpenAI]
@@ -58,11 +61,7 @@ QUESTION = "What is the weather in Lisbon?"
 
 set_tracing_disabled(True)  # nothing to export: the SDK's trace exporter would call api.openai.com
 
-
-@pytest.fixture
-def native() -> bool:
-    """Whether the simulator serves `/responses` (NATIVE_OR_BRIDGED parametrizes it)."""
-    return True
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture
@@ -70,15 +69,6 @@ def sim(native: bool) -> Simulator:
     names = ("ref-a", "ref-b", "agg", "plain")
     slow = SimModel(name="agg-slow", tokens_per_s=100.0)
     return Simulator([*(SimModel(name=name) for name in names), slow], responses=native)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
 
 
 @pytest.fixture(autouse=True)
@@ -105,19 +95,7 @@ def reported(result: RunResult | RunResultStreaming) -> list[tuple[int, int]]:
     return [(r.usage.input_tokens, r.usage.output_tokens) for r in result.raw_responses]
 
 
-weather_calls: list[dict[str, Any]] = []
-
-
-@function_tool
-def get_weather(city: str, days: int) -> str:
-    """The weather forecast for a city.
-
-    Args:
-        city: The city.
-        days: How many days ahead.
-    """
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
+get_weather = function_tool(weather_function)
 
 
 def weather_agent(model: str) -> Agent[Any]:

@@ -6,7 +6,7 @@ embedded simulator; a guard fails the test if anything leaves loopback.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import openai
@@ -24,7 +24,7 @@ from moa_stream._sdk import find_engine
 from moa_stream.testing import SimModel, Simulator
 
 from .conftest import EventLog
-from .frameworks import guard_network, metered_turns
+from .frameworks import get_weather, metered_turns, weather_calls
 
 Wrapped = Callable[..., openai.AsyncOpenAI]
 PRESETS = {
@@ -34,20 +34,13 @@ PRESETS = {
 }
 QUESTION = "What is the weather in Lisbon?"
 
+pytestmark = pytest.mark.usefixtures("offline")
+
 
 @pytest.fixture
 def sim() -> Simulator:
     names = ("ref-a", "ref-b", "agg", "plain")
     return Simulator([*(SimModel(name=name) for name in names), SimModel(name="agg-slow", tokens_per_s=100.0)])
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
 
 
 class Outcome(NamedTuple):
@@ -61,20 +54,6 @@ class Outcome(NamedTuple):
         """The (input, output) tokens pydantic-ai recorded for each model response."""
         responses = [m for m in self.messages if isinstance(m, ModelResponse)]
         return [(r.usage.input_tokens, r.usage.output_tokens) for r in responses]
-
-
-weather_calls: list[dict[str, Any]] = []
-
-
-def get_weather(city: str, days: int) -> str:
-    """The weather forecast for a city.
-
-    Args:
-        city: The city.
-        days: How many days ahead.
-    """
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
 
 
 def weather_agent(client: openai.AsyncOpenAI, model: str, settings: ModelSettings | None = None) -> Agent[None, str]:

@@ -11,7 +11,7 @@ Everything runs on the embedded simulator; a guard fails the test if anything le
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import openai
@@ -32,10 +32,11 @@ from .conftest import EventLog
 from .frameworks import (
     EARLY_BRIDGED,
     NATIVE_OR_BRIDGED,
-    guard_network,
+    get_weather,
     metered_api_turns,
     misplaced_chat_messages,
     moa_tool_loop,
+    weather_calls,
 )
 
 Wrapped = Callable[..., openai.AsyncOpenAI]
@@ -46,11 +47,7 @@ PRESETS = {
 }
 QUESTION = "What is the weather in Lisbon?"
 
-
-@pytest.fixture
-def native() -> bool:
-    """Whether the simulator serves `/responses` (NATIVE_OR_BRIDGED parametrizes it)."""
-    return True
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 @pytest.fixture
@@ -58,15 +55,6 @@ def sim(native: bool) -> Simulator:
     names = ("ref-a", "ref-b", "agg", "plain")
     slow = SimModel(name="agg-slow", tokens_per_s=100.0)
     return Simulator([*(SimModel(name=name) for name in names), slow], responses=native)
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Refuse (and fail the test on) any connection or name lookup beyond loopback."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
-    attempts = guard_network(monkeypatch)
-    yield
-    assert not attempts, f"tried to reach the network: {attempts}"
 
 
 class Outcome(NamedTuple):
@@ -80,20 +68,6 @@ class Outcome(NamedTuple):
         """The (input, output) tokens pydantic-ai recorded for each model response."""
         responses = [m for m in self.messages if isinstance(m, ModelResponse)]
         return [(r.usage.input_tokens, r.usage.output_tokens) for r in responses]
-
-
-weather_calls: list[dict[str, Any]] = []
-
-
-def get_weather(city: str, days: int) -> str:
-    """The weather forecast for a city.
-
-    Args:
-        city: The city.
-        days: How many days ahead.
-    """
-    weather_calls.append({"city": city, "days": days})
-    return f"sunny in {city} for {days} days"
 
 
 def responses_model(client: openai.AsyncOpenAI, model: str) -> OpenAIResponsesModel:
