@@ -31,7 +31,7 @@ class ResponsesReader:
     def event(self, block: bytes) -> bytes:
         """Record one SSE event; return what the caller gets of it. Never raises."""
         name, data = fields(block)
-        if data is None:
+        if data is None or data.startswith(b"[DONE]"):  # some gateways end Responses streams as chat's
             return block
         call = self._call
         buffer = call.buffer

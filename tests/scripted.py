@@ -218,3 +218,136 @@ def vllm_forced_usage_chunks(
 def error_reply(status: int, message: str) -> Reply:
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}})
     return Reply(status=status, headers=[("content-type", "application/json")], parts=[body.encode()])
+
+
+# -- the Responses API --------------------------------------------------------------------------------
+
+RESPONSE_ID = "resp_68a1c0ffee0d8190b1e4a1f0c0ffee0d0a7e3f2b1c9d8e7f"
+
+
+def openai_response(model: str, status: str, output: list[Any], usage: dict[str, Any] | None) -> dict[str, Any]:
+    """A Response object as OpenAI writes it, every field in its place (`usage` null until the end)."""
+    return {
+        "id": RESPONSE_ID,
+        "object": "response",
+        "created_at": CREATED,
+        "status": status,
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "max_tool_calls": None,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "prompt_cache_key": None,
+        "reasoning": {"effort": None, "summary": None},
+        "safety_identifier": None,
+        "service_tier": "default",
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_logprobs": 0,
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "metadata": {},
+    }
+
+
+OPENAI_RESPONSES_USAGE = {
+    "input_tokens": 37,
+    "input_tokens_details": {"cached_tokens": 12},
+    "output_tokens": 20,
+    "output_tokens_details": {"reasoning_tokens": 8},
+    "total_tokens": 57,
+}
+
+
+def openai_response_events(
+    words: list[str],
+    *,
+    model: str = "gpt-4.1-2025-04-14",
+    usage: dict[str, Any] | None = OPENAI_RESPONSES_USAGE,
+    reasoning: list[str] | None = None,
+    terminal: str = "response.completed",
+) -> list[dict[str, Any]]:
+    """OpenAI's Responses stream for a reply of `words` (after a reasoning summary, if given): every
+    event with its sequence number, `obfuscation` on the deltas, the whole response at the end."""
+    events: list[dict[str, Any]] = []
+
+    def emit(kind: str, **fields: Any) -> None:
+        events.append({"type": kind, "sequence_number": len(events), **fields})
+
+    emit("response.created", response=openai_response(model, "in_progress", [], None))
+    emit("response.in_progress", response=openai_response(model, "in_progress", [], None))
+    output: list[dict[str, Any]] = []
+    if reasoning:
+        item = {"id": "rs_68a1c0ffee01", "type": "reasoning", "summary": []}
+        emit("response.output_item.added", output_index=0, item=item)
+        part = {"type": "summary_text", "text": ""}
+        emit("response.reasoning_summary_part.added", item_id=item["id"], output_index=0, summary_index=0, part=part)
+        for piece in reasoning:
+            emit(
+                "response.reasoning_summary_text.delta",
+                item_id=item["id"],
+                output_index=0,
+                summary_index=0,
+                delta=piece,
+                obfuscation="a1",
+            )
+        text = "".join(reasoning)
+        emit("response.reasoning_summary_text.done", item_id=item["id"], output_index=0, summary_index=0, text=text)
+        done_part = {"type": "summary_text", "text": text}
+        emit(
+            "response.reasoning_summary_part.done", item_id=item["id"], output_index=0, summary_index=0, part=done_part
+        )
+        item = {**item, "summary": [done_part]}
+        emit("response.output_item.done", output_index=0, item=item)
+        output.append(item)
+    index = len(output)
+    message = {"id": "msg_68a1c0ffee02", "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    emit("response.output_item.added", output_index=index, item=message)
+    empty = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+    emit("response.content_part.added", item_id=message["id"], output_index=index, content_index=0, part=empty)
+    for i, word in enumerate(words):
+        emit(
+            "response.output_text.delta",
+            item_id=message["id"],
+            output_index=index,
+            content_index=0,
+            delta=(" " if i else "") + word,
+            logprobs=[],
+            obfuscation="Zq9",
+        )
+    text = " ".join(words)
+    where = {"item_id": message["id"], "output_index": index, "content_index": 0}
+    emit("response.output_text.done", **where, text=text, logprobs=[])
+    part = {**empty, "text": text}
+    emit("response.content_part.done", **where, part=part)
+    message = {**message, "status": "completed", "content": [part]}
+    emit("response.output_item.done", output_index=index, item=message)
+    output.append(message)
+    status = {"response.completed": "completed", "response.incomplete": "incomplete", "response.failed": "failed"}
+    final = openai_response(model, status[terminal], output, usage)
+    if terminal == "response.incomplete":
+        final["incomplete_details"] = {"reason": "max_output_tokens"}
+    if terminal == "response.failed":
+        final["error"] = {"code": "server_error", "message": "The model failed to finish its answer."}
+    emit(terminal, response=final)
+    return events
+
+
+def event_stream(events: list[dict[str, Any]], *, named: bool = True, newline: bytes = b"\n") -> list[bytes]:
+    """`events` as SSE blocks: `event:` and `data:` lines (or data only), ending lines with `newline`."""
+    blocks = []
+    for event in events:
+        data = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        lines = [b"event: " + event["type"].encode()] if named else []
+        blocks.append(newline.join([*lines, b"data: " + data, b""]) + newline)
+    return blocks
