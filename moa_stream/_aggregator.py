@@ -64,10 +64,19 @@ class AggregatorStep:
     cadence: Literal["hit", "miss"] | None
     aggregator_wait_s: float | None
     served_id: str | None
+    unknown_previous: str | None
 
     def seal(self) -> None: ...
 
-    def refuse(self, status: int, message: str, *, code: str | None = None) -> Any: ...
+    def refuse(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> Any: ...
+
+    def unknown_previous_message(self) -> str:
+        aggregator = self.preset.aggregator_slot()
+        return (
+            f"{self.model}: previous_response_id {self.unknown_previous!r} is not one of the responses this client"
+            f" served (it keeps the last {self.engine.transcripts.limit:,}), and the aggregator's upstream"
+            f" {self.upstreams[aggregator.label].origin} has no Responses API that could hold it"
+        )
 
     async def aggregate(self, references: list[Reference], missing: list[str], stale: bool, allowed_at: float) -> Any:
         """Send the aggregator request (retrying it as `_retry` says) and return its response."""
@@ -87,6 +96,8 @@ class AggregatorStep:
             api: Api = "chat"
             if self.api == "responses" and not self.engine.quirks.lacks_responses(upstream.origin):
                 api = "responses"
+            elif self.api == "responses" and self.unknown_previous is not None:  # bridged: nothing holds it
+                return self.refuse(400, self.unknown_previous_message(), param="previous_response_id")
             payload = self._request(api, aggregator, chat_messages, references, inject)
             try:
                 call = turn.new_call(
@@ -117,6 +128,8 @@ class AggregatorStep:
                 self.engine.quirks.learn_lacks_responses(upstream.origin)  # bridge it, now and from now on
                 await response.aread()
                 await response.aclose()
+                if self.unknown_previous is not None:  # bridged, nothing holds that conversation
+                    return self.refuse(400, self.unknown_previous_message(), param="previous_response_id")
                 if last:  # the attempts are spent: once more, bridged, so that the caller gets an answer
                     return await self._last_bridged(aggregator, upstream, chat_messages)
                 continue

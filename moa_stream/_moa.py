@@ -26,7 +26,7 @@ from ._ledger import SessionStateError
 from ._meter import Call, Turn
 from ._presets import Preset, Slot
 from ._prompt import Reference, inject_references, reference_view
-from ._responses_view import to_messages
+from ._responses_view import request_problem, to_messages
 from ._slots import SlotError
 from ._upstream import Upstream, send_chat, send_responses
 
@@ -51,17 +51,20 @@ async def run_moa_turn(
         message = f"unknown MoA preset {model!r}; presets: {known}"
         return _refused(turn, default, 404, message, param="model", code="model_not_found")
     conversation: list[Any] | None = None
+    unknown_previous: str | None = None
     if api == "chat":
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
             return _refused(turn, default, 400, f"{model}: 'messages' must be a non-empty list", param="messages")
     else:
-        given = payload.get("input")
-        if not given or not isinstance(given, str | list):
-            return _refused(turn, default, 400, f"{model}: 'input' must be a non-empty string or list", param="input")
+        problem = request_problem(payload)
+        if problem is not None:
+            return _refused(turn, default, 400, f"{model}: {problem[0]}", param=problem[1])
         previous = payload.get("previous_response_id")
         earlier = engine.transcripts.get(previous) if isinstance(previous, str) else None
-        conversation = [*(earlier or []), *to_messages(None, given)]
+        if earlier is None and isinstance(previous, str):
+            unknown_previous = previous
+        conversation = [*(earlier or []), *to_messages(None, payload["input"])]
         # Instructions apply to their own request only (the API does not carry them over a
         # previous_response_id), so they head this turn's messages and stay out of its transcript.
         messages = [*to_messages(payload.get("instructions"), []), *conversation]
@@ -71,7 +74,9 @@ async def run_moa_turn(
     except SlotError as exc:
         return _refused(turn, default, 500, f"{model}: {exc}")
     moa = MoaTurn(engine, turn, name, preset, default, payload, messages, upstreams, api=api)
-    moa.conversation = conversation
+    moa.conversation, moa.unknown_previous = conversation, unknown_previous
+    if unknown_previous is not None and engine.quirks.lacks_responses(upstreams[preset.aggregator_slot().label].origin):
+        return _refused(turn, default, 400, moa.unknown_previous_message(), param="previous_response_id")
     try:
         # Stragglers cancelled by the quorum rule wind down in this group while the aggregator's
         # request goes out; leaving it waits for them, after the response has arrived.
@@ -132,6 +137,8 @@ class MoaTurn(AggregatorStep):
         """The response id given to the caller, when the answer was bridged from chat completions."""
         self.conversation: list[Any] | None = None
         """A Responses API turn's conversation without its instructions: what its transcript keeps."""
+        self.unknown_previous: str | None = None
+        """A `previous_response_id` with no transcript here (only the aggregator's upstream may hold it)."""
 
     def seal(self) -> None:
         """No more calls: the turn ends with what it did, and its MoA facts in the trace."""
@@ -144,10 +151,10 @@ class MoaTurn(AggregatorStep):
         )
         self.turn.seal(facts)
 
-    def refuse(self, status: int, message: str, *, code: str | None = None) -> Any:
+    def refuse(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> Any:
         self.turn.fail(message)
         self.seal()
-        return error_response(self.default.http, status, message, code=code)
+        return error_response(self.default.http, status, message, param=param, code=code)
 
     async def answer(self, stragglers: anyio.abc.TaskGroup) -> Any:
         references, missing, stale, allowed_at = await self._references(stragglers)

@@ -14,6 +14,24 @@ from typing import Any
 _SAME_OPTIONS = ("temperature", "top_p", "parallel_tool_calls", "user", "metadata", "store")
 
 
+def request_problem(payload: dict[str, Any]) -> tuple[str, str] | None:
+    """(message, param) of what makes a Responses request no request a MoA turn can answer, as the API
+    would refuse it (a bridged aggregator has no upstream to judge it), or None."""
+    given = payload.get("input")
+    if not given or not isinstance(given, str | list):
+        return "'input' must be a non-empty string or list", "input"
+    if isinstance(given, list) and not all(isinstance(item, dict) for item in given):
+        return "each item of 'input' must be an object", "input"
+    for key in ("instructions", "previous_response_id"):
+        value = payload.get(key)
+        if value is not None and not isinstance(value, str):
+            return f"'{key}' must be a string, got {type(value).__name__}", key
+    tools = payload.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
+        return "'tools' must be an array of tool objects", "tools"
+    return None
+
+
 def to_messages(instructions: Any, given: Any) -> list[dict[str, Any]]:
     """Chat messages for a Responses request's `instructions` and `input` (a string, or items:
     messages, function calls and their outputs; reasoning items are left out)."""

@@ -20,7 +20,7 @@ DEFAULT_TRANSCRIPTS = 1_000
 
 class Transcripts:
     def __init__(self, limit: int = DEFAULT_TRANSCRIPTS) -> None:
-        self._limit = limit
+        self.limit = limit
         self._lock = threading.Lock()
         self._kept: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
@@ -40,5 +40,5 @@ class Transcripts:
         with self._lock:
             self._kept[response_id] = [*conversation, message]
             self._kept.move_to_end(response_id)
-            while len(self._kept) > self._limit:
+            while len(self._kept) > self.limit:
                 self._kept.popitem(last=False)

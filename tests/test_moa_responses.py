@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import openai
 import pytest
 from openai.types.responses import FunctionToolParam
 
@@ -170,6 +171,55 @@ async def test_instructions_of_a_chained_turn_are_its_own_and_come_first(
         assert roles_sent[0] == "system"
         assert "system" not in roles_sent[roles_sent.index("user") :]
         assert not any("First rules." in str(m.get("content")) for m in sent)
+
+
+@pytest.mark.parametrize(
+    ("request_", "param", "says"),
+    [
+        ({"input": []}, "input", "non-empty"),
+        ({"input": [1, 2]}, "input", "must be an object"),
+        ({"input": QUESTION, "tools": "get_weather"}, "tools", "array of tool objects"),
+        ({"input": QUESTION, "previous_response_id": 7}, "previous_response_id", "must be a string, got int"),
+        ({"input": QUESTION, "instructions": ["Be brief."]}, "instructions", "must be a string, got list"),
+    ],
+)
+async def test_a_request_no_api_would_take_is_a_400_naming_the_field(
+    wrapped: Any, log: EventLog, request_: dict[str, Any], param: str, says: str
+) -> None:
+    # Bridged, no upstream would judge the Responses request: the turn refuses what the API refuses.
+    client = wrapped(presets=PRESETS)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.responses.create(model="moa:trio", **request_)
+    assert refused.value.body["param"] == param  # type: ignore[index]
+    assert says in refused.value.message
+    await log.wait_turns(1)
+    assert log.of(moa_stream.CallUsage) == []  # refused before any call
+
+
+async def test_an_unknown_previous_response_id_is_refused_when_nothing_could_hold_it(
+    wrapped: Any, log: EventLog, sim: Simulator
+) -> None:
+    client = wrapped(presets=PRESETS)
+    follow_up = {"model": "moa:trio", "input": "And on Sunday?", "previous_response_id": "resp_from_elsewhere"}
+    if native(sim):  # the aggregator's upstream may hold it: it is asked, and judges
+        with pytest.raises(openai.BadRequestError, match="resp_from_elsewhere"):
+            await client.responses.create(**follow_up)
+        return
+    # Bridged, answering would silently drop the conversation: refused, the first time after the
+    # aggregator's upstream said it has no /responses, then before any reference is called.
+    for _ in range(2):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(**follow_up)
+        assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+        assert "is not one of the responses this client served" in refused.value.message
+    await log.wait_turns(2)
+    first, second = (
+        sorted((c.role, c.api, c.status) for c in log.of(moa_stream.CallUsage) if c.turn_id == t.turn_id)
+        for t in log.of(moa_stream.TurnEnd)
+    )
+    assert first == [("aggregator", "responses", "error"), *[("reference", "chat", "completed")] * 3]
+    assert second == []
+    assert [t.status for t in log.of(moa_stream.TurnEnd)] == ["error", "error"]
 
 
 async def test_a_function_call_loop_reuses_the_references(wrapped: Any, log: EventLog) -> None:
