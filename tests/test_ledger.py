@@ -26,7 +26,11 @@ from moa_stream.testing import SimModel, Simulator, sim_client
 from .conftest import EventLog, chat_once
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
-PRESETS = {"trio": Preset(references=["sim-small", "sim-large", "sim-nameless"], aggregator="sim-small")}
+# Every turn calls its references (the default cadence would let a turn that starts after another
+# one's references reuse them, and how many do depends on timing).
+PRESETS = {
+    "trio": Preset(references=["sim-small", "sim-large", "sim-nameless"], aggregator="sim-small", cadence="per_call")
+}
 
 
 def sim_models() -> Simulator:
@@ -48,8 +52,8 @@ async def test_concurrent_turns_on_one_session_total_the_sum_of_their_events(tmp
             for number in range(40):
                 model = ["sim-small", "sim-large", "moa:trio", "sim-nameless"][number % 4]
                 group.start_soon(partial(chat_once, client, model, stream=number % 3 != 0))
+    await client.close()  # every call has ended: a stream closed at its finish may end a moment later
     ledger = moa_stream.session_ledger(client, "busy")
-    await client.close()
 
     usages = log.of(moa_stream.CallUsage)
     assert len(usages) == 10 * 1 * 3 + 10 * 4  # 30 direct calls, 10 MoA turns of 3 references + 1 aggregator
