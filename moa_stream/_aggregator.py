@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ from ._budget import BudgetBreach
 from ._engine import Engine
 from ._events import Aggregating
 from ._facts import ResponsesRequest
+from ._ids import new_id
 from ._meter import Call, Turn
 from ._presets import Preset, Slot
 from ._prompt import Reference, inject_references
@@ -165,7 +165,7 @@ class AggregatorStep:
         response = await send_chat(quirks, call, upstream, payload, caller_sees=False)
         if response.status_code >= 400:
             return response
-        self.served_id = self.served_id or f"resp_moa_{uuid.uuid4().hex}"
+        self.served_id = self.served_id or f"resp_moa_{new_id()}"
         builder = ResponseBuilder(self.served_id, call.model, self.payload, rewrite)
         http = upstream.http
         headers = {"content-type": "application/json"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from ._events import (
     TurnTrace,
 )
 from ._facts import MoaFacts, ResponsesRequest
+from ._ids import new_id
 from ._pricing import PriceTable
 from ._redact import Redactor, redact_trace, scrub, secret_redactor
 from ._totals import Totals
@@ -70,7 +70,7 @@ class Turn:
 
     def __init__(self, owner: Owner, *, session_id: str, model: str) -> None:
         self.owner = owner
-        self.turn_id = uuid.uuid4().hex
+        self.turn_id = new_id()
         self.session_id = session_id
         self.model = model
         self.started_at = time.time()
@@ -376,7 +376,7 @@ class Call:
         model = buffer.model or self.model
         prices = turn.owner.prices
         self.usage = usage = CallUsage(
-            call_id=uuid.uuid4().hex,
+            call_id=new_id(),
             turn_id=turn.turn_id,
             session_id=turn.session_id,
             role=self.role,
