@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import anyio
 import msgspec
 
 from ._dispatch import Notice
@@ -138,5 +137,7 @@ class SidecarWriter:
             if pending is None:
                 continue
             path, snapshot = pending
-            await anyio.to_thread.run_sync(write_atomically, path, encode_sidecar(snapshot))
+            # On the dispatcher's own thread: the caller's loop never waits on it, and a thread hop
+            # would cost more than the write (batches of many turns share one write per session).
+            write_atomically(path, encode_sidecar(snapshot))
             self._written(session_id, snapshot.version)

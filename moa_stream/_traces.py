@@ -6,29 +6,22 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import aiofiles
-import anyio
 import msgspec
 
 from ._events import Event, TurnTrace, event_decoder, event_encoder
 from ._session import sanitize_session_id
 
-
-def _private_file(path: str, flags: int) -> int:
-    return os.open(path, flags, 0o600)
-
-
 _OPEN_FILES = 16
 
 
 class TraceWriter:
-    """An async sink that appends each `TurnTrace` as one line; the dispatcher hands it batches.
+    """A sink that appends each `TurnTrace` as one line; the dispatcher hands it batches.
 
     Lines are only ever appended whole, in one unbuffered write per batch and file, so a crash can
     tear at most the last line of a file. The most recently used files stay open (a file that was
-    moved or deleted meanwhile, as by log rotation, is opened anew).
+    moved or deleted meanwhile, as by log rotation, is opened anew). It runs on the dispatcher's own
+    thread, so it writes there directly: a thread hop per write would cost more than the write.
     """
 
     event_types = (TurnTrace,)
@@ -44,7 +37,8 @@ class TraceWriter:
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise ValueError(f"trace_dir {str(trace_dir)!r} is not writable")
         self.written = 0
-        self._files: OrderedDict[Path, Any] = OrderedDict()
+        self._files: OrderedDict[Path, int] = OrderedDict()
+        self._buffer = bytearray()  # reused: msgspec encodes each batch's lines into it
 
     def path_for(self, session_id: str) -> Path:
         return self.directory / f"{sanitize_session_id(session_id)}.jsonl"
@@ -53,61 +47,64 @@ class TraceWriter:
         await self.write_batch([event])
 
     async def write_batch(self, events: list[Event]) -> None:
-        """Append the trace records among `events`: one open and one write per session file."""
-        lines: dict[str, list[bytes]] = {}
+        """Append the trace records among `events`: one write per session file."""
+        by_session: dict[str, list[TurnTrace]] = {}
         for event in events:
             if isinstance(event, TurnTrace):
-                lines.setdefault(event.session_id, []).append(event_encoder.encode(event) + b"\n")
-        for session_id, session_lines in lines.items():
+                by_session.setdefault(event.session_id, []).append(event)
+        buffer = self._buffer
+        for session_id, traces in by_session.items():
+            buffer.clear()
+            for trace in traces:
+                event_encoder.encode_into(trace, buffer, len(buffer))
+                buffer.append(0x0A)
             path = self.path_for(session_id)
-            file = await self._file(path)
+            fd = self._file(path)
             try:
-                await _append(file, b"".join(session_lines))
+                _append(fd, buffer)
             except OSError:
                 # The disk may come back (space freed, directory restored): open the file anew next time.
                 del self._files[path]
-                await file.close()
+                os.close(fd)
                 raise
-            self.written += len(session_lines)
+            self.written += len(traces)
 
-    async def _file(self, path: Path) -> Any:
-        file = self._files.get(path)
-        if file is not None and _same_file(path, file.fileno()):
+    def _file(self, path: Path) -> int:
+        fd = self._files.get(path)
+        if fd is not None and _same_file(path, fd):
             self._files.move_to_end(path)
-            return file
-        if file is not None:
+            return fd
+        if fd is not None:
             del self._files[path]
-            await file.close()
+            os.close(fd)
         while len(self._files) >= _OPEN_FILES:
             _, oldest = self._files.popitem(last=False)
-            await oldest.close()
-        file = self._files[path] = await aiofiles.open(path, "ab", buffering=0, opener=_private_file)
-        return file
+            os.close(oldest)
+        fd = self._files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return fd
 
     async def aclose(self) -> None:
         """Close the open trace files (the dispatcher calls it when it stops)."""
         while self._files:
-            _, file = self._files.popitem()
-            await file.close()
+            _, fd = self._files.popitem()
+            os.close(fd)
 
 
-async def _append(file: Any, data: bytes) -> None:
+def _append(fd: int, data: bytearray) -> None:
     """Write all of `data`, or none of it: a failed write (a full disk) takes its partial line back,
     so that a torn line can only ever be the last one of a file."""
     view = memoryview(data)
     written = 0
     try:
         while written < len(data):
-            written += await file.write(view[written:])
+            written += os.write(fd, view[written:])
     except OSError:
         if written:
-            await anyio.to_thread.run_sync(_drop_tail, file.fileno(), written)
+            # The file is opened for appending, so the bytes of the failed write are its last ones.
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
         raise
-
-
-def _drop_tail(fd: int, count: int) -> None:
-    # The file is opened for appending, so the bytes of the failed write are its last ones.
-    os.ftruncate(fd, os.fstat(fd).st_size - count)
+    finally:
+        view.release()
 
 
 def _same_file(path: Path, fd: int) -> bool:
