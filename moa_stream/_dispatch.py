@@ -27,6 +27,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._events import Event
+from ._sink_thread import SinkThread
 
 logger = logging.getLogger("moa_stream")
 
@@ -39,6 +40,9 @@ A sink with an `event_types` tuple attribute gets only events of those types; on
 _MAX_BATCH = 256
 _CLOSE_TIMEOUT = 2.0
 """How long a sink's own `aclose()` may take when the dispatcher stops."""
+
+LINGER_S = 0.02
+"""How long events may wait on the sink thread for the ones after them (`flush()` does not wait)."""
 
 DEFAULT_SINK_BUFFER = 10_000
 """Events buffered per sink before new ones are dropped for it."""
@@ -89,13 +93,21 @@ class _SinkRunner:
         self.failed = 0
         self.dropped = 0
         self.accepted = 0
+        self.capacity = buffer
         self.event_types: tuple[type[Item], ...] | None = getattr(sink, "event_types", None)
+        self.thread: SinkThread | None = None
+        if not self.is_async and getattr(sink, "write_batch", None) is None:
+            self.thread = SinkThread(f"moa-stream-sink {name}", self._call_each)
+        self.abandoned = False
 
     def takes(self, event: Item) -> bool:
         return self.event_types is None or isinstance(event, self.event_types)
 
     def offer(self, event: Item) -> None:
         if not self.takes(event):
+            return
+        if self.thread is not None and self.accepted - self.delivered - self.failed >= self.capacity:
+            self.dropped += 1  # its thread holds a full buffer's worth already
             return
         try:
             self.send.send_nowait(event)
@@ -120,16 +132,34 @@ class _SinkRunner:
                         await self._deliver(events)
                     for item in batch:
                         if isinstance(item, _Marker):
-                            item.done.set()
+                            self._reached(item)
         except anyio.get_cancelled_exc_class():
             # Abandoned at close after the drain timeout: what it still held is lost, and counted.
+            self.abandoned = True
             left = self.accepted - self.delivered - self.failed
             if left:
                 self.dropped += left
                 logger.warning("moa_stream sink %s did not keep up; %d events dropped at close", self.name, left)
             raise
         finally:
+            if self.thread is not None:
+                self.thread.stop()
             await self._close_sink()
+
+    def _reached(self, marker: _Marker) -> None:
+        """Set `marker` once every event before it was handled (by the sink's thread, for a sync sink)."""
+        if self.thread is None:
+            marker.done.set()
+            return
+        loop = asyncio.get_running_loop()
+
+        def reached() -> None:
+            try:
+                loop.call_soon_threadsafe(marker.done.set)
+            except RuntimeError:  # the dispatcher's loop ended while the sink held this thread
+                pass
+
+        self.thread.put(reached)
 
     async def _close_sink(self) -> None:
         aclose = getattr(self.sink, "aclose", None)
@@ -159,24 +189,22 @@ class _SinkRunner:
                 else:
                     self.delivered += 1
         else:
-            # A sync sink that blocks keeps its worker thread, but not the dispatcher, at close.
-            delivered, failed = await anyio.to_thread.run_sync(self._call_each, events, abandon_on_cancel=True)
-            self.delivered += delivered
-            if failed:
-                self._failed(failed)
+            assert self.thread is not None
+            self.thread.put(events)  # a sync sink that blocks keeps its own thread, not the dispatcher
 
-    def _call_each(self, events: list[Item]) -> tuple[int, int]:
-        delivered = failed = 0
+    def _call_each(self, events: list[Item]) -> None:
+        """A sync sink's batch, on its own thread; counts stop once the sink was abandoned at close."""
         for event in events:
             try:
                 self.sink(event)
             except Exception:
-                if self.failed + failed == 0:
-                    logger.exception("moa_stream sink %s raised; its failures are now counted", self.name)
-                failed += 1
+                if self.abandoned:
+                    return
+                self._failed(1)
             else:
-                delivered += 1
-        return delivered, failed
+                if self.abandoned:
+                    return
+                self.delivered += 1
 
     def _failed(self, count: int) -> None:
         if self.failed == 0:
@@ -203,6 +231,8 @@ class Dispatcher:
         self._closed = False
         self._inbox: collections.deque[Event] = collections.deque()  # appends and pops are thread-safe
         self._wake_pending = False
+        self._lingering = False
+        """The loop delivered a batch less than `LINGER_S` ago (the loop thread's own flag)."""
         self._warned_late = False
 
     # -- caller side (any thread) ---------------------------------------------------------------
@@ -231,11 +261,11 @@ class Dispatcher:
         if loop is None:
             return
         self._inbox.append(event)
-        # One wake-up per burst: the loop takes everything in the inbox when it runs.
+        # One wake-up per linger interval at most: the loop takes everything in the inbox when it runs.
         if not self._wake_pending:
             self._wake_pending = True
             try:
-                loop.call_soon_threadsafe(self._fan_out)
+                loop.call_soon_threadsafe(self._wake)
             except RuntimeError:  # the loop has stopped under us (interpreter exit)
                 late = list(self._inbox)
                 self._inbox.clear()
@@ -340,8 +370,26 @@ class Dispatcher:
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 
-    def _fan_out(self) -> None:
+    def _wake(self) -> None:
+        """Deliver what the inbox holds, then linger: what arrives meanwhile waits for the linger's end
+        and goes with it, so one cross-thread wake-up and one batch per sink serve many turns."""
+        if self._lingering:
+            return  # the linger's end takes it
+        self._fan_out()
+        self._lingering = True
+        assert self._loop is not None
+        self._loop.call_later(LINGER_S, self._linger_end)
+
+    def _linger_end(self) -> None:
+        # Callers may wake the loop again from here on; an event offered before this line found a
+        # wake-up pending and is in the inbox, so it is checked for after it.
         self._wake_pending = False
+        self._lingering = False
+        if self._inbox:
+            self._wake_pending = True
+            self._wake()
+
+    def _fan_out(self) -> None:
         inbox = self._inbox
         while inbox:
             event = inbox.popleft()
@@ -380,8 +428,8 @@ def _flush_at_exit() -> None:
             logger.debug("moa_stream: flush at exit failed", exc_info=True)
 
 
-# This must run before concurrent.futures stops its worker threads at exit (aiofiles and
-# `to_thread` need them), i.e. as a threading-atexit hook registered after concurrent.futures'
+# This must run before concurrent.futures stops its worker threads at exit (`to_thread`
+# needs them), i.e. as a threading-atexit hook registered after concurrent.futures'
 # own: those run in reverse order, before the plain `atexit` ones.
 _register = getattr(threading, "_register_atexit", None)
 if _register is not None:
