@@ -1,10 +1,12 @@
-"""Fast mode: the same `ChatCompletionChunk` and `ChatCompletion` objects, built by validation.
+"""Fast mode: the same response objects (chat completions and chunks, Responses and their stream
+events), built by validation.
 
 The openai SDK builds every response object with `construct_type`, a Python-level walk over the
 model's fields that costs tens of microseconds per streamed chunk, and it splits the SSE stream with
 a Python line decoder. Fast mode replaces both (`_sdk` installs them on a subclass of the client's
 class, so `with_options` copies keep it): events come from the package's SSE framer with their JSON
-decoded by msgspec, and chat objects are built by pydantic-core's strict validation. Anything strict
+decoded by msgspec, and response objects are built by pydantic-core's strict validation (a stream
+event's class picked by its `type`, as the SDK's discriminator does). Anything strict
 validation refuses (a new field type, a provider's own enum value) goes through the SDK's own
 construction instead, so fast mode never rejects what the SDK would accept, and both paths give equal
 `model_dump()`s.
@@ -14,28 +16,54 @@ from __future__ import annotations
 
 import contextlib
 import json
+import typing
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 import pydantic
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
 
 from ._sse import SSEFramer
 
-_VALIDATED: frozenset[type[pydantic.BaseModel]] = frozenset({ChatCompletionChunk, ChatCompletion})
+_VALIDATED: frozenset[type[pydantic.BaseModel]] = frozenset({ChatCompletionChunk, ChatCompletion, Response})
 _decode = msgspec.json.Decoder().decode
+
+
+def variants_by_tag(union: Any) -> dict[str, type[pydantic.BaseModel]]:
+    """The classes of an SDK discriminated union (`Annotated[Union[...], PropertyInfo(discriminator=...)]`)
+    by their discriminator value; a value that two classes claim is left out (the SDK decides it)."""
+    members, *meta = typing.get_args(union)
+    field = next(m.discriminator for m in meta if getattr(m, "discriminator", None))
+    found: dict[str, list[type[pydantic.BaseModel]]] = {}
+    for cls in typing.get_args(members):
+        for tag in typing.get_args(cls.model_fields[field].annotation):
+            found.setdefault(tag, []).append(cls)
+    return {tag: classes[0] for tag, classes in found.items() if len(classes) == 1}
+
+
+_STREAM_EVENTS = variants_by_tag(ResponseStreamEvent)
 
 
 def validate_response(data: object, cast_to: Any) -> object | None:
     """`data` as a `cast_to` built by strict validation, or None where the SDK must build it."""
-    if cast_to in _VALIDATED and type(data) is dict:
-        try:
-            validated: object = cast_to.model_validate(data, strict=True)
-        except pydantic.ValidationError:
-            return None  # something the strict schema does not cover: the SDK's construction keeps it
-        return validated
-    return None
+    if type(data) is not dict:
+        return None
+    model: type[pydantic.BaseModel] | None
+    # Identity first: hashing an `Annotated` union (as `in` would) walks all its members each time.
+    if cast_to is ResponseStreamEvent:
+        tag = data.get("type")
+        model = _STREAM_EVENTS.get(tag) if type(tag) is str else None
+    else:
+        model = cast_to if isinstance(cast_to, type) and cast_to in _VALIDATED else None
+    if model is None:
+        return None
+    try:
+        validated: object = model.model_validate(data, strict=True)
+    except pydantic.ValidationError:
+        return None  # something the strict schema does not cover: the SDK's construction keeps it
+    return validated
 
 
 class Event:

@@ -99,3 +99,20 @@ def test_classes_are_made_once_per_http_module() -> None:
     assert issubclass(made, Probe)
     assert issubclass(made, http.AsyncByteStream)
     assert made._http is http  # type: ignore[attr-defined]
+
+
+async def test_fast_mode_sees_the_responses_types_it_validates() -> None:
+    # Fast mode recognises a Responses stream by its `cast_to` being the very `ResponseStreamEvent`
+    # union, whose members it tells apart by the discriminator the SDK's own metadata names.
+    import typing
+
+    from openai.types.responses import ResponseStreamEvent
+
+    from moa_stream._fast import variants_by_tag
+
+    client = sim_client(Simulator())
+    stream = await client.responses.create(model="sim-small", input="Hi", stream=True)
+    assert stream._cast_to is ResponseStreamEvent
+    await stream.close()
+    members = typing.get_args(typing.get_args(ResponseStreamEvent)[0])
+    assert set(variants_by_tag(ResponseStreamEvent).values()) == set(members)
