@@ -132,7 +132,7 @@ class _SinkRunner:
                         await self._deliver(events)
                     for item in batch:
                         if isinstance(item, _Marker):
-                            self._reached(item)
+                            await self._reached(item)
         except anyio.get_cancelled_exc_class():
             # Abandoned at close after the drain timeout: what it still held is lost, and counted.
             self.abandoned = True
@@ -146,18 +146,24 @@ class _SinkRunner:
                 self.thread.stop()
             await self._close_sink()
 
-    def _reached(self, marker: _Marker) -> None:
-        """Set `marker` once every event before it was handled (by the sink's thread, for a sync sink)."""
+    async def _reached(self, marker: _Marker) -> None:
+        """Set `marker` once every event before it was handled (by the sink's thread, for a sync sink;
+        after its `flush()`, for an async sink that holds work back)."""
         if self.thread is None:
+            flush = getattr(self.sink, "flush", None)
+            if inspect.iscoroutinefunction(flush):
+                try:
+                    await flush()
+                except Exception:
+                    logger.exception("moa_stream sink %s failed to flush", self.name)
             marker.done.set()
             return
         loop = asyncio.get_running_loop()
 
         def reached() -> None:
-            try:
+            # The dispatcher's loop may have ended while the sink held this thread.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(marker.done.set)
-            except RuntimeError:  # the dispatcher's loop ended while the sink held this thread
-                pass
 
         self.thread.put(reached)
 

@@ -9,7 +9,9 @@ never happen on the caller's thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -21,6 +23,8 @@ import msgspec
 from ._dispatch import Notice
 from ._events import CallUsage, TurnEnd
 from ._totals import Totals
+
+logger = logging.getLogger("moa_stream")
 
 SIDECAR_SUFFIX = ".state.json"
 _FORMAT = 1
@@ -113,10 +117,19 @@ class SessionChanged(Notice, frozen=True, kw_only=True):
     session_id: str
 
 
+SIDECAR_INTERVAL_S = 1.0
+"""The least time between two writes of one session's sidecar (a flush or close writes at once)."""
+_REMEMBERED = 4096
+
+
 class SidecarWriter:
     """The sink that writes sidecars, with what the store gives it: `pending(session_id)` is the
     path and the snapshot to write (None when the file is up to date), `written(session_id, version)`
-    records that it was."""
+    records that it was.
+
+    Each write is an atomic replace with two fsyncs, which costs far more than a batch of turns, so a
+    session's file is written at most once per `interval_s`: a change within it is written when it
+    ends, or at the next `flush()` or close, whichever comes first."""
 
     event_types = (CallUsage, TurnEnd, SessionChanged)
 
@@ -124,20 +137,69 @@ class SidecarWriter:
         self,
         pending: Callable[[str], tuple[Path, Snapshot] | None],
         written: Callable[[str, int], None],
+        *,
+        interval_s: float = SIDECAR_INTERVAL_S,
     ) -> None:
         self._pending = pending
         self._written = written
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        """When each session's file was last written (loop time), oldest first."""
+        self._due: dict[str, None] = {}
+        """Sessions changed since their last write, waiting for their interval to end."""
+        self._timer: asyncio.TimerHandle | None = None
 
     async def __call__(self, event: CallUsage | TurnEnd | SessionChanged) -> None:
         await self.write_batch([event])
 
     async def write_batch(self, events: list[CallUsage | TurnEnd | SessionChanged]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for session_id in dict.fromkeys(event.session_id for event in events):
-            pending = self._pending(session_id)
-            if pending is None:
-                continue
+            last = self._last.get(session_id)
+            if last is not None and now - last < self._interval_s:
+                self._due[session_id] = None
+            else:
+                self._write(session_id, now)
+        if self._due and self._timer is None:
+            earliest = min(self._last[session_id] for session_id in self._due)
+            self._timer = loop.call_at(earliest + self._interval_s, self._on_timer)
+
+    async def flush(self) -> None:
+        """Write every session still due (the dispatcher calls it when a flush reaches this sink)."""
+        self._write_due(asyncio.get_running_loop().time())
+
+    async def aclose(self) -> None:
+        await self.flush()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self._write_due(asyncio.get_running_loop().time())
+        except OSError as exc:
+            # Still due: the next batch, flush or close tries again.
+            logger.warning("moa_stream: cannot write a session state file: %s", exc)
+
+    def _write_due(self, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._due:
+            session_id = next(iter(self._due))
+            self._write(session_id, now)
+            del self._due[session_id]
+
+    def _write(self, session_id: str, now: float) -> None:
+        pending = self._pending(session_id)
+        if pending is not None:
             path, snapshot = pending
             # On the dispatcher's own thread: the caller's loop never waits on it, and a thread hop
-            # would cost more than the write (batches of many turns share one write per session).
+            # would cost more than the write.
             write_atomically(path, encode_sidecar(snapshot))
             self._written(session_id, snapshot.version)
+        self._last.pop(session_id, None)  # kept oldest first
+        self._last[session_id] = now
+        if len(self._last) > _REMEMBERED:  # forgetting a write only lets its session be written sooner
+            for old in list(self._last)[: _REMEMBERED // 2]:
+                if old not in self._due:
+                    del self._last[old]

@@ -20,7 +20,7 @@ import pytest
 import moa_stream
 from moa_stream import Preset, Totals
 from moa_stream._sdk import find_engine
-from moa_stream._sidecar import write_atomically
+from moa_stream._sidecar import SessionChanged, SessionLedger, SidecarWriter, Snapshot, write_atomically
 from moa_stream.testing import SimModel, Simulator, sim_client
 
 from .conftest import EventLog, chat_once
@@ -340,3 +340,55 @@ async def test_session_state_reads_back_in_process_what_a_restart_reads(tmp_path
     restarted = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
     assert here == moa_stream.session_state(restarted, "same").get("v") == json.loads(json.dumps(value))
     await restarted.close()
+
+
+async def test_a_busy_session_is_written_once_per_interval_and_whole_at_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An atomic replace costs two fsyncs, more than many turns: a session that changes all the time
+    # is written once at first, then once when the interval ends or a flush comes.
+    writes: list[bytes] = []
+
+    def spy(path: Path, data: bytes) -> None:
+        writes.append(data)
+        write_atomically(path, data)
+
+    monkeypatch.setattr("moa_stream._sidecar.write_atomically", spy)
+    client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
+    with moa_stream.session("busy"):
+        for number in range(12):
+            await chat_once(client, "sim-small", stream=number % 2 == 0)
+            await anyio.sleep(0.03)  # past the dispatcher's linger: each turn comes in a batch of its own
+    assert await moa_stream.flush(client)
+    assert 1 <= len(writes) <= 3  # the first change, perhaps one interval's end, and the flush
+    on_disk = json.loads((tmp_path / "busy.state.json").read_bytes())
+    assert on_disk["ledger"]["turns"] == moa_stream.session_ledger(client, "busy").turns == 12
+    await client.close()
+
+
+async def test_a_change_within_the_interval_is_written_when_it_ends_without_a_flush(tmp_path: Path) -> None:
+    versions = iter(range(1, 100))
+    written: list[tuple[str, int]] = []
+    third = anyio.Event()
+
+    def record(session_id: str, version: int) -> None:
+        written.append((session_id, version))
+        if len(written) == 3:
+            third.set()
+
+    def pending(session_id: str) -> tuple[Path, Snapshot]:
+        snapshot = Snapshot(SessionLedger(session_id=session_id, turns=next(versions)), {}, 0)
+        return tmp_path / f"{session_id}.state.json", snapshot
+
+    writer = SidecarWriter(pending, record, interval_s=0.2)
+    changed = SessionChanged(session_id="s")
+    await writer.write_batch([changed])  # written at once
+    await writer.write_batch([changed])
+    await writer.write_batch([changed, SessionChanged(session_id="t")])  # "t" is new: at once
+    assert [session for session, _ in written] == ["s", "t"]
+    with anyio.fail_after(5):
+        await third.wait()
+    assert written[2][0] == "s"  # the two changes of "s" within its interval: one write when it ended
+    assert json.loads((tmp_path / "s.state.json").read_bytes())["ledger"]["turns"] == 3
+    await writer.aclose()
+    assert len(written) == 3  # nothing was left due
