@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,9 +270,13 @@ def test_bench_command_names_the_same_sections_as_the_suite() -> None:
     assert list(_cli.BENCH_SECTIONS) == list(suite.SECTIONS)
 
 
-def test_bench_command_needs_a_source_checkout(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(_cli, "__file__", str(tmp_path / "site-packages" / "moa_stream" / "_cli" / "_main.py"))
-    assert _cli.main(["bench", "--quick"]) == 2
-    assert "benchmarks need a source checkout" in capsys.readouterr().err
+def test_bench_results_go_to_the_checkout_or_else_the_working_directory(tmp_path: Path) -> None:
+    import moa_stream.benchmarks.suite
+
+    # The editable install maps moa_stream.benchmarks onto benchmarks/ of this checkout.
+    checkout = Path(__file__).resolve().parent.parent / "benchmarks"
+    assert _cli.bench_out_dir(moa_stream.benchmarks.suite) == checkout / "results"
+    installed = types.ModuleType("moa_stream.benchmarks.suite")
+    installed.__file__ = str(tmp_path / "site-packages" / "moa_stream" / "benchmarks" / "suite.py")
+    (tmp_path / "site-packages" / "moa_stream" / "benchmarks").mkdir(parents=True)
+    assert _cli.bench_out_dir(installed) == Path("moa-stream-bench")

@@ -8,6 +8,7 @@ import importlib
 import shlex
 import signal
 import sys
+import types
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
 
-    bench = commands.add_parser("bench", help="the benchmark suite (needs a source checkout)", description=_BENCH_ABOUT)
+    bench = commands.add_parser(
+        "bench",
+        help="the benchmark suite on the embedded simulator, or an endpoint (--base-url)",
+        description=_BENCH_ABOUT,
+    )
     bench.add_argument("--quick", action="store_true", help="few rounds and small sizes (under a minute)")
     bench.add_argument(
         "--sections",
@@ -56,7 +61,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECTION",
         help=f"any of {', '.join(BENCH_SECTIONS)} (default: all)",
     )
-    bench.add_argument("--out-dir", type=Path, help="where the JSON and PNG files go (default: benchmarks/results)")
+    bench.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where the JSON and PNG files go (default: benchmarks/results in a source checkout, "
+        "else ./moa-stream-bench)",
+    )
+    endpoint = bench.add_argument_group(
+        "an endpoint instead of the suite",
+        "the bare SDK, the wrapped client and fast mode against an OpenAI-compatible endpoint, side by side",
+    )
+    endpoint.add_argument("--base-url", help="the endpoint, e.g. http://127.0.0.1:8000/v1 (switches from the suite)")
+    endpoint.add_argument("--model", help="the model to ask for (required with --base-url)")
+    endpoint.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="the environment variable holding the API key; it must be set (default: OPENAI_API_KEY, which a "
+        "loopback endpoint may go without)",
+    )
+    endpoint.add_argument(
+        "--concurrency",
+        nargs="+",
+        type=_positive,
+        metavar="N",
+        help="requests in flight, one level per value (default: 1 4)",
+    )
+    endpoint.add_argument("--requests", type=_positive, metavar="N", help="per variant and level (default: 20)")
+    endpoint.add_argument("--max-tokens", type=_positive, metavar="N", help="per request (default: 128)")
+    endpoint.add_argument("--prompt", help="the user message (default: a one-paragraph question)")
+    endpoint.add_argument("--config", type=Path, help="a moa.toml: also measure a preset against its aggregator alone")
+    endpoint.add_argument("--preset", help="which preset of --config (default: the first)")
 
     local = commands.add_parser("local", help="llama.cpp with SmolLM2-135M on loopback (the `local` extra)")
     local_commands = local.add_subparsers(dest="local_command", required=True)
@@ -73,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "traces":
         return run_traces(args)
     if args.command == "bench":
-        return _bench(args, argv)
+        return _bench(args, argv, bench)
     if args.command == "local":
         return _local(lambda: _serve_local(args.host, args.port))
     if args.command == "demo" and args.local:
@@ -108,35 +142,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout", "responses")
-"""The sections of `benchmarks/suite.py`, named here so that `--help` works without a checkout."""
+BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout", "responses", "calls")
+"""The sections of `moa_stream.benchmarks.suite`, named here so that `--help` does not import the suite."""
 
 
 _BENCH_ABOUT = (
-    "Run the benchmark suite (benchmarks/ of a source checkout) against the embedded simulator: per-chunk cost, "
-    "sinks on/off, concurrency, fan-out. Prints tables and writes JSON (and PNG plots with matplotlib) to "
-    "benchmarks/results/."
+    "Without --base-url: the benchmark suite against the embedded simulator (per-chunk cost, sinks on/off, "
+    "concurrency, fan-out, the Responses API, per-call cost). With --base-url and --model: the bare SDK, the wrapped client and "
+    "fast mode against that OpenAI-compatible endpoint, side by side (TTFT, ITL, TPOT, end-to-end latency, "
+    "tokens/s, requests/s, client CPU), and with --config a preset against its aggregator alone. Prints tables and "
+    "writes JSON (and PNG plots with matplotlib) to --out-dir."
 )
+_ENDPOINT_OPTIONS = ("model", "api_key_env", "concurrency", "requests", "max_tokens", "prompt", "config", "preset")
 
 
-def _bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    """Run `benchmarks/` of the source checkout this package was imported from."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "suite.py").is_file():
-        print(
-            "moa-stream bench: the benchmarks need a source checkout (they are not part of the installed package); "
-            "clone the repository, `pip install -e '.[bench]'` and run `moa-stream bench` there",
-            file=sys.stderr,
-        )
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    suite = importlib.import_module("benchmarks.suite")
-    if args.out_dir is None:
-        args.out_dir = suite.RESULTS_DIR
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def bench_out_dir(module: types.ModuleType) -> Path:
+    """Where results go by default: `benchmarks/results` of a source checkout (when `module`, one of
+    the benchmarks, was imported from `benchmarks/` there), else `./moa-stream-bench`, never into the
+    installed package."""
+    package = Path(module.__file__ or "").resolve().parent
+    root = package.parent
+    if package.name == "benchmarks" and (root / "pyproject.toml").is_file() and (root / "moa_stream").is_dir():
+        return package / "results"
+    return Path("moa-stream-bench")
+
+
+def _bench(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
+    """The suite of `moa_stream.benchmarks`, or with --base-url the endpoint bench."""
     command = shlex.join(["moa-stream", *(sys.argv[1:] if argv is None else argv)])
-    code: int = suite.run_command(args, command=command)
-    return code
+    if args.base_url is None:
+        given = [_flag(option) for option in _ENDPOINT_OPTIONS if getattr(args, option) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --base-url (an endpoint to measure)")
+        suite = importlib.import_module("moa_stream.benchmarks.suite")
+        if args.out_dir is None:
+            args.out_dir = bench_out_dir(suite)
+        code: int = suite.run_command(args, command=command)
+        return code
+    if args.sections or args.quick:
+        parser.error(
+            "--sections and --quick choose what the suite runs; --base-url measures an endpoint instead "
+            "(size it with --concurrency and --requests)"
+        )
+    if args.model is None:
+        parser.error("--base-url needs --model, the model to ask the endpoint for")
+    if args.preset is not None and args.config is None:
+        parser.error("--preset needs --config, the moa.toml it is defined in")
+    endpoint = importlib.import_module("moa_stream.benchmarks.endpoint")
+    # The command goes into the JSON file: without a password the URL may carry.
+    command = command.replace(args.base_url, endpoint.shown_url(args.base_url))
+    options = {option: getattr(args, option) for option in _ENDPOINT_OPTIONS if getattr(args, option) is not None}
+    if "concurrency" in options:
+        options["concurrency"] = tuple(options["concurrency"])
+    out_dir = args.out_dir or bench_out_dir(endpoint)
+    try:
+        config = endpoint.EndpointConfig(base_url=args.base_url, **options)
+        endpoint.run(config, out_dir=out_dir, command=command)
+    except endpoint.EndpointError as exc:
+        print(f"moa-stream bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmoa-stream bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _local(run: Callable[[], Awaitable[object]]) -> int:
