@@ -1,15 +1,18 @@
-"""The public surface, and a built wheel that carries `moa_stream.adapters`."""
+"""The public surface, and a built wheel that carries `moa_stream.adapters` and `moa_stream.benchmarks`."""
 
 from __future__ import annotations
 import __future__
 
 import ast
 import importlib.metadata
+import json
 import subprocess
 import sys
 import types
 import zipfile
 from pathlib import Path
+
+import pytest
 
 import moa_stream
 
@@ -28,36 +31,86 @@ def test_adapters_import_from_the_source_tree() -> None:
     assert Path(moa_stream.adapters.__file__).parent == ROOT / "adapters"
 
 
-def test_built_wheel_carries_adapters_under_moa_stream(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
         check=True,
         capture_output=True,
     )
-    [wheel] = (tmp_path / "dist").glob("moa_stream-*.whl")
+    [built] = dist.glob("moa_stream-*.whl")
+    return built
+
+
+def _from_wheel(wheel: Path, tmp_path: Path, probe: str) -> str:
+    """Run `probe` with the unpacked wheel first on sys.path, from a directory outside the checkout.
+
+    -S skips .pth files, so the editable install's import hook cannot point back at the source tree;
+    the dependencies come from site-packages appended after the unpacked wheel."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    work = tmp_path / "work"
+    work.mkdir()
+    site_packages = next(p for p in sys.path if p.endswith("site-packages"))
+    prelude = "import sys; sys.path[:0] = [sys.argv[1]]; sys.path.append(sys.argv[2]);"
+    return subprocess.run(
+        [sys.executable, "-S", "-c", prelude + probe, str(site), site_packages],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=300,
+    ).stdout
+
+
+def test_built_wheel_carries_adapters_under_moa_stream(wheel: Path, tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "moa_stream/adapters/__init__.py" in names
     assert "moa_stream/prices.json" in names
     assert "moa_stream/py.typed" in names
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    # -S skips .pth files, so the editable install's import hook cannot point back at the source tree;
-    # the dependencies come from site-packages appended after the unpacked wheel.
-    site_packages = next(p for p in sys.path if p.endswith("site-packages"))
     probe = (
-        "import sys; sys.path[:0] = [sys.argv[1]]; sys.path.append(sys.argv[2]);"
         "import moa_stream.adapters as a, moa_stream as m;"
         "print(a.__file__); print(m.PriceTable.builtin().lookup('gpt-4.1') is not None)"
     )
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", probe, str(site), site_packages],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    ).stdout.split()
-    assert out[0].startswith(str(site))
+    out = _from_wheel(wheel, tmp_path, probe).split()
+    assert out[0].startswith(str(tmp_path / "site"))
     assert out[1] == "True"
+
+
+def test_built_wheel_carries_the_benchmarks_and_bench_runs_from_it(wheel: Path, tmp_path: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {name.rpartition("/")[2] for name in names if name.startswith("moa_stream/benchmarks/")}
+    assert shipped == {path.name for path in (ROOT / "benchmarks").glob("*.py")}
+    # Every module imports from the wheel alone (no `tests`, no checkout), then the suite runs and
+    # writes to ./moa-stream-bench of the working directory.
+    probe = (
+        "import importlib, pkgutil, moa_stream.benchmarks as b;"
+        "found = [m.name for m in pkgutil.iter_modules(b.__path__) if m.name != '__main__'];"
+        "print(*[importlib.import_module(f'moa_stream.benchmarks.{n}').__file__ for n in found]);"
+        "from moa_stream._cli import main;"
+        "sys.exit(main(['bench', '--quick', '--sections', 'fanout']))"
+    )
+    out = _from_wheel(wheel, tmp_path, probe)
+    files = out.splitlines()[0].split()
+    assert len(files) == len(shipped) - 2  # all but __init__ and __main__
+    assert all(file.startswith(str(tmp_path / "site" / "moa_stream" / "benchmarks")) for file in files)
+    document = json.loads((tmp_path / "work" / "moa-stream-bench" / "fanout.json").read_text())
+    assert document["command"].endswith("bench --quick --sections fanout")
+    assert document["quick"] is True
+
+
+def test_benchmarks_import_only_what_an_installed_package_has() -> None:
+    # Absolute imports of the checkout's top-level packages would work from the source tree alone.
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                assert name.partition(".")[0] not in ("tests", "tests_local", "benchmarks", "adapters"), (path, name)
 
 
 def test_readme_quickstart_runs_against_the_simulator(tmp_path: Path) -> None:
