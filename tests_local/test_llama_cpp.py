@@ -6,6 +6,7 @@ estimate; non-streamed responses carry the server's own token counts, which the 
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -209,3 +210,28 @@ def test_demo_local_command_streams_a_moa_turn_from_smollm2(tmp_path: Path) -> N
     assert table.count("estimated") == 4
     [trace] = moa_stream.read_traces(tmp_path / "demo.jsonl")
     assert trace.calls[-1].output.text.strip() in result.stdout
+
+
+async def test_bench_command_measures_the_llama_cpp_server(llama: LocalServer, tmp_path: Path) -> None:
+    (tmp_path / "moa.toml").write_text(
+        f'[presets.pair]\nreferences = ["{LOCAL_MODEL}", "{LOCAL_MODEL}"]\naggregator = "{LOCAL_MODEL}"\n'
+    )
+    argv = ["--base-url", llama.base_url, "--model", LOCAL_MODEL, "--concurrency", "1", "2", "--requests", "2"]
+    argv += ["--max-tokens", "8", "--config", str(tmp_path / "moa.toml"), "--out-dir", str(tmp_path / "out")]
+    # A child process, as users run it; awaited, so that the server's event loop keeps running.
+    with anyio.fail_after(600):
+        result = await anyio.run_process([sys.executable, "-m", "moa_stream", "bench", *argv], check=False)
+    print(result.stdout.decode())  # shown with -s: the table
+    assert result.returncode == 0, result.stderr.decode()
+    document = json.loads((tmp_path / "out" / "endpoint.json").read_text())
+    assert list(document["results"]["levels"]) == ["1", "2"]
+    for entry in document["results"]["levels"].values():
+        assert {"bare", "wrapped", "moa:pair", "aggregator"} <= set(entry["variants"])
+        for row in entry["variants"].values():
+            assert (row["ok"], row["errors"]) == (2, 0)
+            assert row["ttft_ms"]["p50"] <= row["e2el_ms"]["p50"]
+            # The server sends no usage chunk: tokens are counted from the chunks that carried text.
+            assert row["output_tokens"]["from_chunks"] == 2
+            assert 2 <= row["output_tokens"]["total"] <= 2 * 8
+    assert any("had no usage chunk" in note for note in document["notes"])
+    assert document["results"]["preset"]["levels"]["1"]["aggregator_ttft_p50_ms"] is not None
