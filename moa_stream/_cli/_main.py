@@ -148,10 +148,10 @@ BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout", "responses", "call
 
 _BENCH_ABOUT = (
     "Without --base-url: the benchmark suite against the embedded simulator (per-chunk cost, sinks on/off, "
-    "concurrency, fan-out, the Responses API, per-call cost). With --base-url and --model: the bare SDK, the wrapped client and "
-    "fast mode against that OpenAI-compatible endpoint, side by side (TTFT, ITL, TPOT, end-to-end latency, "
-    "tokens/s, requests/s, client CPU), and with --config a preset against its aggregator alone. Prints tables and "
-    "writes JSON (and PNG plots with matplotlib) to --out-dir."
+    "concurrency, fan-out, the Responses API, per-call cost). With --base-url and --model: the bare SDK, the "
+    "wrapped client and fast mode against that OpenAI-compatible endpoint, side by side (TTFT, ITL, TPOT, "
+    "end-to-end latency, tokens/s, requests/s, client CPU), and with --config a preset against its aggregator "
+    "alone. Prints tables and writes JSON (and PNG plots with matplotlib) to --out-dir."
 )
 _ENDPOINT_OPTIONS = ("model", "api_key_env", "concurrency", "requests", "max_tokens", "prompt", "config", "preset")
 
