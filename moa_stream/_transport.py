@@ -89,8 +89,10 @@ class MeteringTransport:
             payload = None
         if not isinstance(payload, dict):
             payload = {}  # not ours to judge: the upstream answers it, and the call is still metered
-        session_id = current_session(request.headers.get(SESSION_HEADER))
-        upstream = Upstream.of_request(self._http, self.inner, request, drop=(SESSION_HEADER,))
+        session_header = request.headers.get(SESSION_HEADER)
+        session_id = current_session(session_header)
+        drop = () if session_header is None else (SESSION_HEADER,)
+        upstream = Upstream.of_request(self._http, self.inner, request, drop=drop)
         try:
             await engine.open_session(session_id)
         except SessionStateError as exc:

@@ -38,25 +38,41 @@ class Upstream:
         headers: Any,
         extensions: dict[str, Any],
         drop: tuple[str, ...] = (),
+        original: Any = None,
     ) -> None:
         self.http = http
         self.transport = transport
         self.url = url
-        self.headers = headers.copy()
-        for name in ("content-length", "transfer-encoding", *drop):
-            self.headers.pop(name, None)
+        self._source_headers = headers
+        self._drop = drop
+        self._headers: Any = None
         self.extensions = extensions
+        self._original = original
+        """The caller's own request, sent as it is when nothing in it needs changing."""
         path = url.path
         self._prefix = next((path[: -len(e)] for e in _ENDPOINTS if path.endswith(e)), path.rstrip("/"))
-        self._urls = {path[len(self._prefix) :]: url}  # made once each: building a URL is not cheap
+        self._endpoint = path[len(self._prefix) :]
+        self._urls = {self._endpoint: url}  # made once each: building a URL is not cheap
         self.origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         self.host: str = url.host
-        self.secrets = _credentials(self.headers, url)
+        self.secrets = _credentials(headers, url)
         """The credential values its requests carry, to be kept out of events and traces."""
+
+    @property
+    def headers(self) -> Any:
+        """The headers every request sends, less the `drop` ones (copied on first use: a request
+        forwarded as it is never needs them)."""
+        if self._headers is None:
+            headers = self._source_headers.copy()
+            for name in ("content-length", "transfer-encoding", *self._drop):
+                headers.pop(name, None)
+            self._headers = headers
+        return self._headers
 
     @classmethod
     def of_request(cls, http: ModuleType, transport: Any, request: Any, *, drop: tuple[str, ...] = ()) -> Upstream:
-        """The upstream a caller's request was addressed to, less the `drop` headers (ours, not its)."""
+        """The upstream a caller's request was addressed to, less the `drop` headers (ours, not its:
+        a request that carries none of them may be forwarded as it is)."""
         return cls(
             http=http,
             transport=transport,
@@ -64,6 +80,7 @@ class Upstream:
             headers=request.headers,
             extensions=request.extensions,
             drop=drop,
+            original=None if drop else request,
         )
 
     @classmethod
@@ -84,26 +101,42 @@ class Upstream:
         return url
 
     def request(self, body: bytes, *, identity: bool, endpoint: str = "/chat/completions") -> Any:
+        original = self._original
+        if original is not None and not identity and endpoint == self._endpoint and body is original.content:
+            return original  # the caller's bytes to the caller's URL: nothing to rebuild
         headers = self.headers.copy()
         if identity:
             # A compressed event stream could not be teed chunk by chunk, nor a body rewritten.
             headers["accept-encoding"] = "identity"
+        headers["content-length"] = str(len(body))
         url = self.url_for(endpoint)
-        return self.http.Request("POST", url, headers=headers, content=body, extensions=self.extensions)
+        # A stream, not `content=`: the request's own header preparation costs more than the rest.
+        stream = self.http.ByteStream(body)
+        return self.http.Request("POST", url, headers=headers, stream=stream, extensions=self.extensions)
 
 
 # Where OpenAI-compatible APIs take a key: bearer tokens, Azure's and gateways' key headers, and a
 # `key` query parameter (Gemini's OpenAI-compatible endpoint and some gateways).
 _SECRET_HEADERS = ("authorization", "proxy-authorization", "api-key", "x-api-key")
+_SECRET_HEADER_BYTES = frozenset(name.encode() for name in _SECRET_HEADERS)
 _SECRET_PARAMS = ("key", "api_key", "api-key", "apikey", "access_token")
 # Shorter values ("none", "EMPTY" for keyless local servers) would turn ordinary words into [REDACTED].
 _MIN_SECRET_CHARS = 8
 
 
+def _header_text(raw: bytes) -> str:
+    # As httpx decodes header values: UTF-8 (ASCII included), else Latin-1.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _credentials(headers: Any, url: Any) -> tuple[str, ...]:
     found: list[str] = []
-    for name, value in headers.multi_items():  # one pass: a lookup per name would scan them all each time
-        if value and name.lower() in _SECRET_HEADERS:
+    for raw_name, raw_value in headers.raw:  # one pass over the bytes: a lookup per name would scan them all
+        if raw_value and raw_name.lower() in _SECRET_HEADER_BYTES:
+            value = _header_text(raw_value)
             scheme, _, token = value.partition(" ")
             found.append(token.strip() if token.strip() and scheme.lower() in ("bearer", "basic", "token") else value)
     if url.query:

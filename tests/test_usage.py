@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pytest
 
 import moa_stream
-from moa_stream.testing import Simulator, sim_token_count
+from moa_stream.testing import Simulator, sim_client, sim_token_count
 
-from .conftest import EventLog, first_stream
+from .conftest import EventLog, chat_once, first_stream
 from .test_sim import WEATHER_TOOL
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
@@ -146,3 +147,43 @@ async def test_session_header_names_the_session_and_is_not_sent_upstream(
     assert "/" not in first.session_id
     assert second.session_id == name == "from-context"
     assert all(moa_stream.SESSION_HEADER not in {k.lower() for k in h} for h in sim.headers_seen)
+
+
+async def test_a_request_needing_no_change_reaches_the_upstream_as_the_callers_own(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rebuilding a request costs more than the rest of the metering of a call: a non-streamed call
+    # with nothing of ours in it goes on as the object the caller's SDK built.
+    client = moa_stream.wrap(sim_client(sim))
+    seen: list[Any] = []
+    metering = client._client._transport  # type: ignore[attr-defined]
+    inner_send = metering.inner.handle_async_request
+
+    async def inner(request: Any) -> Any:
+        seen.append(request)
+        return await inner_send(request)
+
+    outer_send = metering.handle_async_request
+
+    async def outer(request: Any) -> Any:
+        seen.append(request)
+        return await outer_send(request)
+
+    monkeypatch.setattr(metering.inner, "handle_async_request", inner)
+    monkeypatch.setattr(metering, "handle_async_request", outer)
+    await client.chat.completions.create(model="sim-small", messages=USER)
+    await chat_once(client, "sim-small", stream=True)  # the first stream teaches what the upstream sends
+    await chat_once(client, "sim-small", stream=True)
+    await client.chat.completions.create(model="sim-small", messages=USER, extra_headers={"X-MoA-Session": "a"})
+    await client.close()
+
+    plain, learning, streamed, with_session = seen[0:2], seen[2:4], seen[4:6], seen[6:8]
+    assert plain[1] is plain[0]
+    assert learning[1].content == learning[0].content
+    assert learning[1].headers["accept-encoding"] == "identity"  # a stream is teed chunk by chunk
+    assert streamed[1] is not streamed[0]  # usage asked for on the caller's behalf: a new body
+    assert streamed[1].headers["accept-encoding"] == "identity"
+    assert int(streamed[1].headers["content-length"]) == len(streamed[1].content) > len(streamed[0].content)
+    assert with_session[1] is not with_session[0]
+    assert moa_stream.SESSION_HEADER not in with_session[1].headers
+    assert with_session[1].content == with_session[0].content
