@@ -495,6 +495,12 @@ class Config:
     fanout_levels: tuple[int, ...] = (1, 10)
     fanout_turns: int = 300
     fanout_rounds: int = 5
+    call_levels: tuple[int, ...] = (1, 32)
+    """Calls in flight for the per-call section."""
+    call_rounds: int = 5
+    calls_per_sample: int = 60
+    moa_turns: int = 20
+    """MoA turns per sample of the per-call section's MoA share."""
 
     @classmethod
     def full(cls) -> Config:
@@ -516,6 +522,9 @@ class Config:
             round_timeout_s=30.0,
             fanout_turns=30,
             fanout_rounds=1,
+            call_rounds=2,
+            calls_per_sample=20,
+            moa_turns=5,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import chunks, concurrency, fanout, responses, sinks
+from . import calls, chunks, concurrency, fanout, responses, sinks
 from ._common import (
     RESULTS_DIR,
     Config,
@@ -27,9 +27,16 @@ from ._common import (
 
 SECTIONS: dict[str, Section] = {
     section.name: section
-    for section in (chunks.SECTION, sinks.SECTION, concurrency.SECTION, fanout.SECTION, responses.SECTION)
+    for section in (
+        chunks.SECTION,
+        sinks.SECTION,
+        concurrency.SECTION,
+        fanout.SECTION,
+        responses.SECTION,
+        calls.SECTION,
+    )
 }
-NO_MATPLOTLIB = "matplotlib is not installed, so no PNG plots (pip install -e '.[bench]')"
+NO_MATPLOTLIB = "matplotlib is not installed, so no PNG plots (install the package's `bench` extra)"
 
 
 def run_suite(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import chunks, concurrency, fanout, responses, sinks, suite
+from benchmarks import calls, chunks, concurrency, fanout, responses, sinks, suite
 from benchmarks._common import (
     Config,
     EventKey,
@@ -44,6 +44,10 @@ TINY = dataclasses.replace(
     concurrency_rounds=1,
     fanout_levels=(1,),
     fanout_turns=3,
+    call_levels=(1, 2),
+    call_rounds=2,
+    calls_per_sample=3,
+    moa_turns=1,
 )
 
 
@@ -107,6 +111,33 @@ def test_sinks_section_compares_off_and_on(results: dict[str, SectionResult]) ->
     assert {"bare", "wrapped off", "wrapped on"} <= set(variants)
     assert variants["wrapped on"]["on_over_off"] > 0
     assert ("fast on" in variants) is has_fast_mode()
+
+
+def test_calls_section_measures_every_variant_of_both_workloads_at_every_level(
+    results: dict[str, SectionResult],
+) -> None:
+    result = results[calls.NAME]
+    _well_formed(result)
+    assert len(result.rows) == len(calls.WORKLOADS) * 2 * len(calls.VARIANTS)
+    for workload in calls.WORKLOADS:
+        assert list(result.results[workload]) == ["1", "2"]
+        for level, variants in result.results[workload].items():
+            assert list(variants) == list(calls.VARIANTS)
+            assert variants["bare"]["cpu_over_bare"] == variants["bare"]["rate_over_bare"] == 1.0
+            for row in variants.values():
+                cpu = row["cpu_us_per_call"]
+                assert 0 < cpu["min"] <= cpu["median"] <= cpu["max"]
+                assert row["calls_per_s"]["median"] > 0
+                assert row["calls_per_sample"] == max(3, int(level) * 4)
+    moa = result.results["moa"]
+    assert moa["turns_per_sample"] == 1
+    own, turn = moa["own_cpu_us_per_turn"]["median"], moa["cpu_us_per_turn"]["median"]
+    assert own < turn
+    assert moa["own_share"]["min"] <= moa["own_share"]["median"] <= moa["own_share"]["max"] < 1
+    verdicts = [note for note in result.notes if note.startswith("target")]
+    assert len(verdicts) == len(calls.TARGETS) + 2 * 2  # CPU per call, then calls/s per level
+    assert all(note.endswith("x)") and (": met (" in note or ": MISSED (" in note) for note in verdicts)
+    assert any(note.startswith("MoA turn") for note in result.notes)
 
 
 def test_concurrency_section_reports_every_level_with_exact_events(results: dict[str, SectionResult]) -> None:
