@@ -82,6 +82,9 @@ class Turn:
         self._records: list[CallRecord] = []
         self._totals = Totals()
         self._main: Call | None = None
+        self._main_usage: CallUsage | None = None
+        """The main call's usage, kept once it ended: holding the call would keep a reference cycle
+        (call -> turn -> call) that only the garbage collector could free, for every call."""
         self.refused: BudgetBreach | None = None
         """The budget limit that refused one of the turn's calls, if any."""
         self._error: str | None = None
@@ -182,6 +185,8 @@ class Turn:
             before = self._totals
             self._totals = after = before.plus(record.usage)
             self._records.append(record)
+            if call is self._main:
+                self._main, self._main_usage = None, record.usage
             self._open -= 1
             end = self._sealed and self._open == 0 and not self._ended
             self._ended = self._ended or end
@@ -192,7 +197,7 @@ class Turn:
     def _end(self) -> None:
         records = sorted(self._records, key=lambda r: r.usage.started_at)
         usages = [r.usage for r in records]
-        main = self._main.usage if self._main is not None and self._main.usage is not None else None
+        main = self._main_usage
         status, error = self._outcome(main, usages)
         if error is not None and self._secrets:
             error = scrub(error, self._secrets)
