@@ -10,14 +10,20 @@ event's class picked by its `type`, as the SDK's discriminator does). Anything s
 validation refuses (a new field type, a provider's own enum value) goes through the SDK's own
 construction instead, so fast mode never rejects what the SDK would accept, and both paths give equal
 `model_dump()`s.
+
+On the way out, `ParamsTransform` stands in for the SDK's params transform (`async_maybe_transform`)
+on the fast client's own resources: where the params type can neither rename nor reformat anything
+and the data is plain JSON, the transform's result is the data minus its not-given values, which a
+plain copy gives for a fraction of the cost; everything else goes to the SDK's transform.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import types
 import typing
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -155,3 +161,143 @@ class FastSSEDecoder:
         elif name == "retry":
             with contextlib.suppress(ValueError):
                 self._retry = int(value)
+
+
+# -- the params transform ---------------------------------------------------------------------------
+
+_MAX_DEPTH = 64
+"""Deeper data (or a container that holds itself) goes to the SDK's transform."""
+_MAX_TYPES = 512
+"""Verdicts kept; params types are module-level SDK classes, so this is never reached in practice."""
+_UNIONS = (typing.Union, types.UnionType)
+_REFUSED: Any = object()
+
+
+class _NotJSON(Exception):
+    """Raised by `_json_copy` at the first value that is not plain JSON."""
+
+
+def _json_copy(value: object, depth: int) -> object:
+    """A copy of plain JSON data (dicts with str keys, lists, str, int, float, bool, None; exact types,
+    so subclasses such as enums or `PydanticFunctionTool` go to the SDK), else `_NotJSON`."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if depth >= _MAX_DEPTH:
+        raise _NotJSON
+    if type(value) is dict:
+        copied: dict[str, object] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _NotJSON
+            copied[key] = _json_copy(item, depth + 1)
+        return copied
+    if type(value) is list:
+        return [_json_copy(item, depth + 1) for item in value]
+    raise _NotJSON
+
+
+class ParamsTransform:
+    """The SDK's params transforms (`maybe_transform` and `async_maybe_transform`), short-cut where
+    their result is provably the same.
+
+    The SDK's transform renames keys (`PropertyInfo(alias=...)`), formats dates and files
+    (`PropertyInfo(format=...)`), dumps pydantic models, turns other iterables into lists and drops
+    not-given values from every mapping it matches to a TypedDict. For a params type that reaches no
+    alias or format (checked once per type, recursively) and a dict of plain JSON whose not-given
+    values are all at the top, its result is that dict without them: that is what this returns, as a
+    copy. Any other data or type goes to the SDK's transform unchanged.
+
+    `inert(metadata)` says whether an `Annotated` metadata object leaves data alone, `is_typeddict`
+    is the SDK's own test and `not_given` the classes of its not-given markers: all of them come from
+    `_sdk`, the one module that reads the SDK's private parts.
+    """
+
+    def __init__(
+        self,
+        sdk: Callable[[object, object], Any],
+        sdk_async: Callable[[object, object], Awaitable[Any]],
+        *,
+        inert: Callable[[object], bool],
+        is_typeddict: Callable[[Any], bool],
+        not_given: tuple[type, ...],
+    ) -> None:
+        self.sdk = sdk
+        self.sdk_async = sdk_async
+        self._inert = inert
+        self._is_typeddict = is_typeddict
+        self._not_given = not_given
+        # By id, with the type kept alive beside its verdict: hashing an `Annotated` union walks it.
+        self._verdicts: dict[int, tuple[object, bool]] = {}
+
+    def maybe_transform(self, data: object, expected_type: object) -> Any:
+        """What the SDK's `maybe_transform(data, expected_type)` returns."""
+        copied = self._copy(data, expected_type)
+        return self.sdk(data, expected_type) if copied is _REFUSED else copied
+
+    async def async_maybe_transform(self, data: object, expected_type: object) -> Any:
+        """What the SDK's `async_maybe_transform(data, expected_type)` returns."""
+        copied = self._copy(data, expected_type)
+        return await self.sdk_async(data, expected_type) if copied is _REFUSED else copied
+
+    def _copy(self, data: object, expected_type: object) -> object:
+        """The transform's result, or `_REFUSED` where only the SDK can tell."""
+        if data is None:
+            return None
+        if type(data) is not dict or not self.skips(expected_type):
+            return _REFUSED
+        not_given = self._not_given
+        copied: dict[str, object] = {}
+        try:
+            for key, value in data.items():
+                if isinstance(value, not_given):
+                    continue
+                if type(key) is not str:
+                    return _REFUSED
+                copied[key] = _json_copy(value, 1)
+        except _NotJSON:
+            return _REFUSED
+        return copied
+
+    def skips(self, expected_type: object) -> bool:
+        """Whether plain JSON data of `expected_type` may skip the SDK's transform (cached)."""
+        known = self._verdicts.get(id(expected_type))
+        if known is not None and known[0] is expected_type:
+            return known[1]
+        verdict = self._judge(expected_type)
+        if len(self._verdicts) >= _MAX_TYPES:
+            self._verdicts.clear()
+        self._verdicts[id(expected_type)] = (expected_type, verdict)
+        return verdict
+
+    def _judge(self, expected_type: object) -> bool:
+        # The SDK drops top-level not-given values only where it matches the data to a TypedDict.
+        if typing.get_origin(expected_type) in _UNIONS:
+            tops: tuple[object, ...] = typing.get_args(expected_type)
+        else:
+            tops = (expected_type,)
+        if not all(self._is_typeddict(top) for top in tops):
+            return False
+        try:
+            return self._plain(expected_type, set())
+        except Exception:  # an annotation that cannot be resolved: the SDK's transform decides
+            return False
+
+    def _plain(self, annotation: object, seen: set[int]) -> bool:
+        """Whether nothing reachable from `annotation` renames or reformats data."""
+        if self._is_typeddict(annotation):
+            if id(annotation) in seen:
+                return True  # a recursive type: its fields are being checked further up
+            seen.add(id(annotation))
+            hints = typing.get_type_hints(annotation, include_extras=True)
+            return all(self._plain(hint, seen) for hint in hints.values())
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            base, *metadata = typing.get_args(annotation)
+            return all(self._inert(item) for item in metadata) and self._plain(base, seen)
+        if origin is typing.Literal:
+            return True  # its arguments are values, not types
+        if origin is not None:  # unions, containers, Required/NotRequired
+            return all(self._plain(arg, seen) for arg in typing.get_args(annotation))
+        # A class is a leaf to the transform; a forward reference, TypeVar or alias we do not know is refused.
+        return annotation is None or annotation is typing.Any or isinstance(annotation, type)
