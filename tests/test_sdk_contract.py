@@ -116,3 +116,98 @@ async def test_fast_mode_sees_the_responses_types_it_validates() -> None:
     await stream.close()
     members = typing.get_args(typing.get_args(ResponseStreamEvent)[0])
     assert set(variants_by_tag(ResponseStreamEvent).values()) == set(members)
+
+
+# -- fast mode's resources: the SDK methods `_sdk` copies and the transform they call ---------------
+
+
+def test_resource_modules_call_the_sdks_params_transforms_by_their_global_names() -> None:
+    import openai.resources.chat.completions.completions as completions_module
+    import openai.resources.responses.responses as responses_module
+    from openai._utils import _transform
+
+    from moa_stream._sdk import TRANSFORM_GLOBALS
+
+    assert TRANSFORM_GLOBALS == ("maybe_transform", "async_maybe_transform")
+    for module in (completions_module, responses_module):
+        assert module.async_maybe_transform is _transform.async_maybe_transform
+        assert module.maybe_transform is _transform.maybe_transform
+    assert list(inspect.signature(_transform.async_maybe_transform).parameters) == ["data", "expected_type"]
+    assert list(inspect.signature(_transform.maybe_transform).parameters) == ["data", "expected_type"]
+
+
+def test_the_methods_fast_mode_copies_reach_the_transform() -> None:
+    from openai.resources.chat.completions import AsyncCompletions
+    from openai.resources.responses import AsyncResponses
+
+    from moa_stream._sdk import _transform_swaps, fast_resource_class, params_transform
+
+    swaps = _transform_swaps(params_transform())
+    completions = fast_resource_class(AsyncCompletions, swaps)
+    responses = fast_resource_class(AsyncResponses, swaps)
+    assert completions is not None
+    assert responses is not None
+    assert {"create", "parse"} <= set(vars(completions))
+    assert {"create", "parse", "retrieve"} <= set(vars(responses))
+    # `stream` calls the transform through `create` (and `retrieve`) of the resource it is given.
+    for cls in (AsyncCompletions, AsyncResponses):
+        assert "stream" not in vars(fast_resource_class(cls, swaps) or cls)
+    # `create` is `required_args`' wrapper, with the SDK's function in its closure.
+    wrapped = AsyncCompletions.create.__wrapped__  # type: ignore[attr-defined]
+    assert any(cell.cell_contents is wrapped for cell in AsyncCompletions.create.__closure__ or ())
+    assert "async_maybe_transform" in wrapped.__code__.co_names
+
+
+def test_the_client_hands_out_its_resources_as_cached_properties() -> None:
+    import functools
+
+    from openai.resources.chat import AsyncChat
+    from openai.resources.chat.completions import AsyncCompletions
+    from openai.resources.responses import AsyncResponses
+
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://x.invalid/v1")
+    for owner, name in ((openai.AsyncOpenAI, "chat"), (openai.AsyncOpenAI, "responses"), (AsyncChat, "completions")):
+        assert isinstance(vars(owner)[name], functools.cached_property)
+    assert type(client.chat) is AsyncChat
+    assert type(client.chat.completions) is AsyncCompletions
+    assert type(client.responses) is AsyncResponses
+    # Built from the client alone, and the raw/streaming wrappers reach the resources through it.
+    for cls in (AsyncChat, AsyncCompletions, AsyncResponses):
+        assert list(inspect.signature(cls).parameters) == ["client"]
+    assert "self._client.chat" in inspect.getsource(type(client.with_raw_response).chat.func)  # type: ignore[attr-defined]
+    assert "self._client.responses" in inspect.getsource(type(client.with_streaming_response).responses.func)  # type: ignore[attr-defined]
+
+
+def test_property_info_carries_alias_format_template_and_discriminator_only() -> None:
+    # `_sdk` lets a PropertyInfo through only with fields it knows, neither alias nor format set.
+    from openai._utils._transform import PropertyInfo
+
+    assert set(vars(PropertyInfo())) == {"alias", "format", "format_template", "discriminator"}
+
+
+async def test_the_sdks_transform_drops_top_level_not_given_values_of_a_typeddict() -> None:
+    from openai._compat import is_typeddict
+    from openai._types import NotGiven, Omit
+    from openai._utils._transform import async_maybe_transform
+    from openai.types.chat import completion_create_params
+
+    params = completion_create_params.CompletionCreateParamsNonStreaming
+    assert is_typeddict(params)
+    assert isinstance(openai.NOT_GIVEN, NotGiven)
+    assert isinstance(openai.omit, Omit)
+    data = {"model": "m", "messages": [], "n": openai.NOT_GIVEN, "user": openai.omit}
+    assert await async_maybe_transform(data, params) == {"model": "m", "messages": []}
+
+
+def test_a_fast_client_gets_the_fast_resources() -> None:
+    # Fast mode falls back to the SDK's resources without a word when the SDK changes; this says so.
+    from openai.resources.chat import AsyncChat
+    from openai.resources.chat.completions import AsyncCompletions
+    from openai.resources.responses import AsyncResponses
+
+    client = openai.AsyncOpenAI(api_key="k", base_url="http://x.invalid/v1")
+    specialize(client, fast=True, budget=False)
+    assert isinstance(client.chat, AsyncChat)
+    assert type(client.chat) is not AsyncChat
+    assert type(client.chat.completions) is not AsyncCompletions
+    assert type(client.responses) is not AsyncResponses
