@@ -41,6 +41,9 @@ def sim() -> Simulator:
             SimModel(name="reasoner", reasoning_tokens=4),
             SimModel(name="stall", fault=Fault(kind="stall", after_chunks=4)),
             SimModel(name="slow", ttft_s=0.2, tokens_per_s=200.0),
+            # Still running when a cancel or a close comes right after the create, however loaded
+            # the machine is.
+            SimModel(name="stalled", ttft_s=5.0),
         ]
     )
 
@@ -332,7 +335,7 @@ async def test_a_background_response_is_metered_once_when_a_retrieve_sees_it_fin
 async def test_a_cancelled_background_response_is_metered_as_cancelled(
     client: openai.AsyncOpenAI, log: EventLog
 ) -> None:
-    created = await client.responses.create(model="slow", input=QUESTION, background=True)
+    created = await client.responses.create(model="stalled", input=QUESTION, background=True)
     cancelled = await client.responses.cancel(created.id)
     assert cancelled.status == "cancelled"
     call, _ = await only_call(log)
@@ -342,7 +345,7 @@ async def test_a_cancelled_background_response_is_metered_as_cancelled(
 async def test_a_background_response_still_running_at_close_is_closed_early(
     client: openai.AsyncOpenAI, log: EventLog
 ) -> None:
-    await client.responses.create(model="slow", input=QUESTION, background=True)
+    await client.responses.create(model="stalled", input=QUESTION, background=True)
     await client.close()
     call, _ = await only_call(log)
     assert call.status == "closed_early"

@@ -140,5 +140,6 @@ async def test_a_sink_stuck_for_good_is_abandoned_at_close_and_its_events_counte
     assert log_stats.delivered == 6
     assert (stuck_stats.delivered, stuck_stats.dropped) == (0, 6)
     assert engine.dispatcher._thread is not None
+    engine.dispatcher._thread.join(10)  # ends, though a loaded machine may take it past close()
     assert not engine.dispatcher._thread.is_alive()
     never.set()

@@ -171,6 +171,7 @@ def test_a_writer_killed_mid_write_leaves_only_whole_lines_but_the_last(tmp_path
         assert writer.stdout.readline() == "turn\n"
     writer.send_signal(signal.SIGKILL)
     writer.wait(30)
+    writer.stdout.close()
     data = (tmp_path / "crash.jsonl").read_bytes()
     lines = data.split(b"\n")
     complete, last = lines[:-1], lines[-1]
