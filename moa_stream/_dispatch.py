@@ -362,9 +362,11 @@ class Dispatcher:
             async with anyio.create_task_group() as task_group:
                 self._task_group = task_group
                 ready.set()
-                await self._stop.wait()
-                for runner in self._runners:
-                    runner.send.close()
+                try:
+                    await self._stop.wait()
+                finally:  # a stop ends every runner's stream; an abandon (a cancel) closes them too
+                    for runner in self._runners:
+                        runner.send.close()
 
         anyio.run(main, backend="asyncio")
 
