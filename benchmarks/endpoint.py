@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import os
 import time
 import urllib.parse
@@ -58,6 +57,7 @@ import moa_stream
 from moa_stream import Preset, Slot
 from moa_stream._redact import scrub
 from moa_stream._sdk import default_http_module
+from moa_stream._server._command import is_loopback as is_loopback_host
 
 from ._common import SectionResult, has_fast_mode, null_sink, print_section, pyplot, save_figure, write_json
 from ._endpoint_measure import Block, Progress, Variant, run_block, run_level, summarize
@@ -118,13 +118,7 @@ class EndpointConfig:
 
 def is_loopback(base_url: str) -> bool:
     """Whether `base_url` is on this machine (local servers often take no key)."""
-    host = urllib.parse.urlsplit(base_url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urllib.parse.urlsplit(base_url).hostname or "")
 
 
 def key_env(config: EndpointConfig) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 
 from .._server import add_serve_parser, run_serve
-from ._traces import add_traces_parser, run_traces
+from ._traces import add_traces_parser, positive, run_traces
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,12 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     endpoint.add_argument(
         "--concurrency",
         nargs="+",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="requests in flight, one level per value (default: 1 4)",
     )
-    endpoint.add_argument("--requests", type=_positive, metavar="N", help="per variant and level (default: 20)")
-    endpoint.add_argument("--max-tokens", type=_positive, metavar="N", help="per request (default: 128)")
+    endpoint.add_argument("--requests", type=positive, metavar="N", help="per variant and level (default: 20)")
+    endpoint.add_argument("--max-tokens", type=positive, metavar="N", help="per request (default: 128)")
     endpoint.add_argument("--prompt", help="the user message (default: a one-paragraph question)")
     endpoint.add_argument("--config", type=Path, help="a moa.toml: also measure a preset against its aggregator alone")
     endpoint.add_argument("--preset", help="which preset of --config (default: the first)")
@@ -154,16 +154,6 @@ _BENCH_ABOUT = (
     "alone. Prints tables and writes JSON (and PNG plots with matplotlib) to --out-dir."
 )
 _ENDPOINT_OPTIONS = ("model", "api_key_env", "concurrency", "requests", "max_tokens", "prompt", "config", "preset")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
 
 
 def _flag(option: str) -> str:

@@ -44,7 +44,7 @@ def add_traces_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     show.add_argument("--turn", metavar="ID", help="the turn to show: its id or a unique prefix of it")
     show.add_argument(
         "--lines",
-        type=_positive,
+        type=positive,
         default=_DEFAULT_LINES,
         metavar="N",
         help=f"lines of each reference's answer to show (default {_DEFAULT_LINES})",
@@ -88,13 +88,14 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
 
 

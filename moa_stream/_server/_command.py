@@ -133,7 +133,7 @@ async def _serve_command(args: argparse.Namespace, token: str | None) -> None:
             max_body_bytes=args.max_body_bytes,
             max_concurrent_per_client=args.max_concurrent_per_client,
         )
-        if token is None and not _is_loopback(args.host):
+        if token is None and not is_loopback(args.host):
             print(
                 f"moa-stream serve: warning: {args.host} is not a loopback address and no --token-env is set; "
                 "anyone who can reach it can spend your upstream's credits",
@@ -158,7 +158,8 @@ async def _serve_command(args: argparse.Namespace, token: str | None) -> None:
         await client.close()  # idempotent: the app's lifespan closed it unless startup failed
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine."""
     if host == "localhost":
         return True
     try:
