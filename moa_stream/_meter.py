@@ -266,10 +266,17 @@ def _worst(usages: list[CallUsage]) -> CallStatus:
     return "completed"
 
 
+_ENDING = threading.RLock()
+"""Makes "not ended yet, so end it" one step: a second `end()` can come from another thread, or from
+inside the first, when the collector runs a finalizer (a byte stream's `__del__` backstop) at one of
+its allocations. Reentrant, so that such a finalizer finds the call ending and returns."""
+
+
 class Call:
     """One upstream HTTP exchange. `end()` records it; only the first `end()` counts."""
 
     __slots__ = (
+        "_ending",
         "_t0",
         "buffer",
         "deadline",
@@ -324,6 +331,7 @@ class Call:
         """Credential values its request carried: replaced in whatever it records."""
         self.held = False
         """A background response: its exchange is over, the call ends when its final status is seen."""
+        self._ending = False
 
     @property
     def ended(self) -> bool:
@@ -352,11 +360,14 @@ class Call:
         return "error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
     def end(self, status: CallStatus, error: str | None = None) -> None:
-        """Record how the call ended and emit its `CallUsage`. Synchronous, so cancellation or a
-        garbage-collector finalizer can never interrupt it half-way. A held call (see `hold`) ends
-        only once it is released."""
-        if self.usage is not None or self.held:
-            return
+        """Record how the call ended and emit its `CallUsage`. Synchronous, so cancellation can never
+        interrupt it half-way; a second `end()` (another thread's, or a finalizer's that the
+        collector runs inside this one) returns at once. A held call (see `hold`) ends only once it
+        is released."""
+        with _ENDING:
+            if self._ending or self.held:
+                return
+            self._ending = True
         duration = time.perf_counter() - self._t0
         turn = self.turn
         buffer = self.buffer

@@ -202,3 +202,44 @@ def _usage() -> moa_stream.CallUsage:
         call_id="c", turn_id="t", session_id="s", role="direct", label="m", model="m", provider="p",
         started_at=0.0, duration_s=0.0, status="completed",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_call_ended_again_from_inside_its_own_end_is_ended_once(
+    stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The collector may run a finalizer at any allocation, so a byte stream's `__del__` backstop can
+    # end a call while its own end is half-way (seen with httpx 0.x, whose responses sit in a cycle,
+    # on a background response released by a cancel): one CallUsage, the first end's.
+    from moa_stream import _meter
+
+    calls: list[_meter.Call] = []
+    new_call = _meter.Turn.new_call
+
+    def recording_new_call(self: _meter.Turn, **options: object) -> _meter.Call:
+        call = new_call(self, **options)  # type: ignore[arg-type]
+        calls.append(call)
+        return call
+
+    resolve_tokens = _meter.resolve_tokens
+
+    def resolve_after_a_finalizer(*args: object, **options: object) -> object:
+        if calls:
+            calls.pop().end("closed_early")  # what the backstop would do, run by the collector here
+        return resolve_tokens(*args, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_meter.Turn, "new_call", recording_new_call)
+    monkeypatch.setattr(_meter, "resolve_tokens", resolve_after_a_finalizer)
+    log = EventLog()
+    client = moa_stream.wrap(sim_client(Simulator([SimModel(name="sim-small")])), sinks=[log])
+    if stream:
+        async with await client.chat.completions.create(
+            model="sim-small", messages=[{"role": "user", "content": "hi"}], stream=True
+        ) as chunks:
+            async for _ in chunks:
+                pass
+    else:
+        await client.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert [usage.status for usage in log.of(moa_stream.CallUsage)] == ["completed"]
+    assert len(log.of(moa_stream.TurnEnd)) == len(log.of(moa_stream.TurnTrace)) == 1
