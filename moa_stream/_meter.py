@@ -22,19 +22,17 @@ from ._events import (
     CallRecord,
     CallStatus,
     CallUsage,
-    OutputSource,
     Role,
     TurnEnd,
     TurnTrace,
 )
 from ._facts import MoaFacts, ResponsesRequest
 from ._ids import new_id
+from ._outcome import one_line, output_source, worst
 from ._pricing import PriceTable
 from ._redact import Redactor, redact_trace, scrub, secret_redactor
 from ._totals import Totals
 from ._usage import resolve_tokens
-
-_MAX_ERROR_CHARS = 1000
 
 
 class Owner(Protocol):
@@ -60,6 +58,9 @@ class Owner(Protocol):
 
     def hold_background(self, call: Call) -> None:
         """Keep `call` open until its background response's final status is seen."""
+
+    def end_abandoned(self, call: Call) -> None:
+        """End `call` as `closed_early` for a finalizer (see `Engine.end_abandoned`)."""
 
 
 class Turn:
@@ -244,26 +245,14 @@ class Turn:
         elif reason is not None:
             status = "error"
         else:
-            status = "closed_early" if self._cut else _worst(usages)
+            status = "closed_early" if self._cut else worst(usages)
         if status != "error":
             return status, None
         if reason is None and main is not None:
             reason = main.error
         if reason is None:
             reason = next((u.error for u in usages if u.error), None) or "no call of the turn succeeded"
-        return status, _one_line(reason)
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 1] + "…"
-
-
-def _worst(usages: list[CallUsage]) -> CallStatus:
-    for status in ("error", "cancelled", "closed_early"):
-        if any(u.status == status for u in usages):
-            return status
-    return "completed"
+        return status, one_line(reason)
 
 
 _ENDING = threading.RLock()
@@ -431,7 +420,7 @@ class Call:
             provider=self.provider,
             input_messages=self.input_messages,
             output=output,
-            output_source=_output_source(self.streamed, status, buffer.has_output()),
+            output_source=output_source(self.streamed, status, buffer.has_output()),
             finish_reason=buffer.finish_reason,
             usage=usage,
         )
@@ -445,11 +434,3 @@ class Call:
                 response_id=buffer.response_id,
             )
         turn._call_ended(self, record)
-
-
-def _output_source(streamed: bool, status: CallStatus, has_output: bool) -> OutputSource:
-    if not has_output:
-        return "none"
-    if not streamed:
-        return "inline"
-    return "inline_from_stream" if status == "completed" else "partial_stream"
