@@ -32,7 +32,7 @@ from ._sink_thread import SinkThread
 logger = logging.getLogger("moa_stream")
 
 Sink = Callable[[Event], None] | Callable[[Event], Awaitable[None]]
-"""A sink: any callable taking one event, sync (run in a worker thread) or async.
+"""A sink: any callable taking one event, sync (run on a thread of its own) or async.
 
 A sink with an `event_types` tuple attribute gets only events of those types; one with a
 `write_batch(events)` coroutine method gets them in batches instead of one by one."""
@@ -147,8 +147,7 @@ class _SinkRunner:
             await self._close_sink()
 
     async def _reached(self, marker: _Marker) -> None:
-        """Set `marker` once every event before it was handled (by the sink's thread, for a sync sink;
-        after its `flush()`, for an async sink that holds work back)."""
+        """Set `marker` once every event before it was handled (a sync sink's thread; an async sink's flush)."""
         if self.thread is None:
             flush = getattr(self.sink, "flush", None)
             if inspect.iscoroutinefunction(flush):
@@ -158,14 +157,7 @@ class _SinkRunner:
                     logger.exception("moa_stream sink %s failed to flush", self.name)
             marker.done.set()
             return
-        loop = asyncio.get_running_loop()
-
-        def reached() -> None:
-            # The dispatcher's loop may have ended while the sink held this thread.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(marker.done.set)
-
-        self.thread.put(reached)
+        self.thread.signal(asyncio.get_running_loop(), marker.done.set)
 
     async def _close_sink(self) -> None:
         aclose = getattr(self.sink, "aclose", None)
@@ -276,6 +268,17 @@ class Dispatcher:
                 late = list(self._inbox)
                 self._inbox.clear()
                 self._dropped_late(late)
+
+    def run_soon(self, work: Callable[[], object]) -> bool:
+        """Run `work` on the dispatcher's thread, ahead of later flushes; False without a running one."""
+        loop = self._loop
+        if loop is None or self._closed:
+            return False
+        try:
+            loop.call_soon_threadsafe(work)
+        except RuntimeError:  # the loop has stopped under us
+            return False
+        return True
 
     def _dropped_late(self, events: list[Event]) -> None:
         for runner in list(self._runners):

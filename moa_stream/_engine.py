@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import os
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
@@ -159,6 +160,14 @@ class Engine:
 
     def hold_background(self, call: Call) -> None:
         self.background.hold(call)
+
+    def end_abandoned(self, call: Call) -> None:
+        """End `call` as `closed_early` on the sink thread, for a finalizer: the collector can run
+        one at any allocation, also while this thread holds the lock of the call's own turn, which
+        an end here would wait for forever. Ended at once where there is no sink thread to run it."""
+        end = functools.partial(call.end, "closed_early")
+        if not self.dispatcher.run_soon(end):
+            end()
 
     def turn_ended(self, turn: Turn, end: TurnEnd, trace: TurnTrace) -> None:
         self._open_turns.discard(turn)

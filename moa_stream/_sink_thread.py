@@ -8,6 +8,8 @@ callable the thread runs when it reaches it). A sink that hangs keeps only this 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -31,6 +33,15 @@ class SinkThread:
             self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
             self._thread.start()
         self._queue.put(item)
+
+    def signal(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+        """Run `callback` on `loop` once every batch put before it was handled."""
+
+        def reached() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop ended while the sink held this thread
+                loop.call_soon_threadsafe(callback)
+
+        self.put(reached)
 
     def stop(self) -> None:
         """End the thread after what it holds (a thread stuck in its sink stays, as a daemon)."""

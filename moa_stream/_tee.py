@@ -117,9 +117,11 @@ class TeeStream:
 
     def __del__(self) -> None:
         # The backstop: abandoned without being read or closed (the SDK never iterated), or a close
-        # that went wrong before the call ended. `end` is synchronous and first-wins.
-        if not self._call.ended and not self._call.held:
-            self._call.end("closed_early")
+        # that went wrong before the call ended. The collector may run this inside any metering code
+        # of this thread (a turn's lock held), so the end is handed to the sink thread.
+        call = self._call
+        if not call.ended and not call.held:
+            call.turn.owner.end_abandoned(call)
 
     # -- event streams ------------------------------------------------------------------------
 

@@ -243,3 +243,34 @@ async def test_a_call_ended_again_from_inside_its_own_end_is_ended_once(
     await client.close()
     assert [usage.status for usage in log.of(moa_stream.CallUsage)] == ["completed"]
     assert len(log.of(moa_stream.TurnEnd)) == len(log.of(moa_stream.TurnTrace)) == 1
+
+
+async def test_the_backstop_run_while_its_turn_is_locked_ends_the_call_without_deadlock() -> None:
+    # The collector can run a byte stream's `__del__` at any allocation of the thread, also while
+    # that thread holds the lock of the stream's own turn; ending the call there would wait for
+    # that lock forever. The backstop hands the end to the sink thread instead.
+    import threading
+
+    from moa_stream._tee import TeeStream
+
+    log = EventLog()
+    client = moa_stream.wrap(sim_client(Simulator([SimModel(name="sim-small")])), sinks=[log])
+    stream = await client.chat.completions.create(
+        model="sim-small", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    [tee] = [item for item in gc.get_objects() if isinstance(item, TeeStream) and not item._call.ended]
+    turn_lock = tee._call.turn._lock
+
+    def finalize_under_the_lock() -> None:
+        with turn_lock:
+            tee.__del__()  # what the collector would run here
+
+    finalizer = threading.Thread(target=finalize_under_the_lock, daemon=True)
+    finalizer.start()
+    finalizer.join(10)
+    assert not finalizer.is_alive()
+    assert await moa_stream.flush(client)
+    assert [usage.status for usage in log.of(moa_stream.CallUsage)] == ["closed_early"]
+    await stream.close()
+    await client.close()
+    assert len(log.of(moa_stream.CallUsage)) == 1
