@@ -109,7 +109,7 @@ class AggregatorStep:
                     streamed=payload.get("stream") is True,
                     main=True,
                     secrets=upstream.secrets,
-                    responses=_responses_request(payload) if api == "responses" else None,
+                    responses=ResponsesRequest.of(payload) if api == "responses" else None,
                 )
             except BudgetBreach as breach:
                 self.seal()
@@ -250,19 +250,6 @@ def _native_request(
     request.update({key: value for key, value in overrides.items() if value is not None})
     request.update(aggregator.extra)
     return request
-
-
-def _responses_request(payload: dict[str, Any]) -> ResponsesRequest:
-    instructions, tools, previous = (
-        payload.get("instructions"),
-        payload.get("tools"),
-        payload.get("previous_response_id"),
-    )
-    return ResponsesRequest(
-        instructions=instructions if isinstance(instructions, str) else None,
-        tools=tools if isinstance(tools, list) else [],
-        previous_response_id=previous if isinstance(previous, str) else None,
-    )
 
 
 def _with_system(messages: list[Any], system: str | None) -> list[Any]:

@@ -15,6 +15,21 @@ class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True):
     tools: list[Any] = []
     previous_response_id: str | None = None
 
+    @classmethod
+    def of(cls, payload: dict[str, Any]) -> ResponsesRequest:
+        """What `payload`, a Responses request body, sent besides its input (what is not of the
+        expected type is left out: the upstream judges it)."""
+        instructions, tools, previous = (
+            payload.get("instructions"),
+            payload.get("tools"),
+            payload.get("previous_response_id"),
+        )
+        return cls(
+            instructions=instructions if isinstance(instructions, str) else None,
+            tools=tools if isinstance(tools, list) else [],
+            previous_response_id=previous if isinstance(previous, str) else None,
+        )
+
 
 class MoaFacts(msgspec.Struct, frozen=True, kw_only=True):
     """What a MoA turn adds to its trace record (see `TurnTrace`), and, for one asked through the

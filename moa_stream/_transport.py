@@ -109,7 +109,7 @@ class MeteringTransport:
             messages = payload.get("messages")
             inputs, request_facts = (messages if isinstance(messages, list) else []), None
         else:
-            inputs, request_facts = input_items(payload), responses_request(payload)
+            inputs, request_facts = input_items(payload), ResponsesRequest.of(payload)
         try:
             call = turn.new_call(
                 role="direct",
@@ -129,17 +129,3 @@ class MeteringTransport:
         if api == "chat":
             return await send_chat(engine.quirks, call, upstream, payload, body=body)
         return await send_responses(call, upstream, payload, body=body)
-
-
-def responses_request(payload: dict[str, Any]) -> ResponsesRequest:
-    """What a Responses request sent besides its input, for its trace record."""
-    instructions, tools, previous = (
-        payload.get("instructions"),
-        payload.get("tools"),
-        payload.get("previous_response_id"),
-    )
-    return ResponsesRequest(
-        instructions=instructions if isinstance(instructions, str) else None,
-        tools=tools if isinstance(tools, list) else [],
-        previous_response_id=previous if isinstance(previous, str) else None,
-    )
