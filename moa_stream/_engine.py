@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from ._background import BackgroundResponses
-from ._budget import Budget, BudgetPolicy
+from ._budget import Budget, BudgetPolicy, Limits
 from ._cadence import ReferenceCache
 from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
 from ._errors import ClientClosedError
@@ -91,6 +91,8 @@ class Engine:
             )
         for sink in sinks:
             self.dispatcher.add_sink(sink)
+        self.key_limits: dict[str, Limits] = {}
+        """Limits per API key id (`serve --keys`), over all of that key's sessions."""
         self.origin: object = None
         """The client that was wrapped, kept alive because collecting it would close the shared pool."""
         self._state = _State.OPEN
@@ -98,6 +100,14 @@ class Engine:
         self._open_calls: set[Call] = set()
         self._open_turns: set[Turn] = set()
         self._tails: set[asyncio.Task[None]] = set()
+
+    def set_key_limits(self, key_id: str, limits: Limits | None) -> None:
+        """Limit what the calls of API key `key_id` (the `x-moa-key` header) may use over all its
+        sessions; None removes the limit."""
+        if limits is None or not limits.items():
+            self.key_limits.pop(key_id, None)
+        else:
+            self.key_limits[key_id] = limits
 
     # -- sinks -----------------------------------------------------------------------------------
 

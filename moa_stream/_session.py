@@ -13,6 +13,10 @@ from contextvars import ContextVar
 SESSION_HEADER = "x-moa-session"
 """Request header that names the session; removed before the request goes upstream."""
 
+KEY_HEADER = "x-moa-key"
+"""Request header that names the API key (of `serve --keys`) a request came with: its key-level
+budget applies; removed before the request goes upstream."""
+
 _MAX_LEN = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
