@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded simulator in-process and over loopback HTTP, and an event log sink."""
+"""Shared fixtures: the embedded simulator in-process and over loopback HTTP, an event log sink, and a real
+Redis server on loopback."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 import moa_stream
 from moa_stream._sdk import default_http_module
 from moa_stream.testing import Fault, SimModel, SimServer, Simulator, sim_client
+
+from .redis_server import RedisServer
 
 # The framework adapter tests' fixtures (a network guard, `native`), there for every module.
 pytest_plugins = ["tests.frameworks"]
@@ -184,3 +187,22 @@ async def client(upstream: openai.AsyncOpenAI, log: EventLog, tmp_path: Path) ->
     wrapped = moa_stream.wrap(upstream, sinks=[log], trace_dir=tmp_path / "traces")
     yield wrapped
     await wrapped.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session, on a free loopback port; stopped at the end."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, running and empty: restarted if an earlier test stopped it, then flushed."""
+    # Imported here: only the Redis tests need the client, and the rest of the suite runs without it.
+    import redis
+
+    redis_server.ensure_running()
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
