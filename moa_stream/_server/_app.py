@@ -4,11 +4,10 @@ answer relayed as the upstream sent it, and the presets listed beside the upstre
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -20,10 +19,12 @@ from openai.types.responses import Response, ResponseStreamEvent
 from .._errors import error_json
 from .._moa import MOA_PREFIX
 from .._sdk import find_engine
-from .._session import SESSION_HEADER
+from .._session import KEY_HEADER, SESSION_HEADER
 from .._wire import any_decoder, json_encoder
+from .._wrap import _engine_of
 from ._asgi import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_PER_CLIENT, Limits, Reply, error_reply
 from ._forward import Forward, Outgoing
+from ._keys import DEFAULT_SESSION, KeyRing
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -42,38 +43,51 @@ _RESPONSES = (Response, openai.AsyncStream[ResponseStreamEvent])
 _DOT_SEGMENTS = frozenset({".", ".."})
 
 
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    """Who sent a request: `limit_key` names it for the per-client limit; `key_id` namespaces its
+    sessions (None keeps the session id the client sent)."""
+
+    limit_key: str
+    key_id: str | None
+
+
 class _Endpoints:
     """The route handlers, around one wrapped client."""
 
-    def __init__(self, client: openai.AsyncOpenAI, *, token: str | None, max_body_bytes: int, limits: Limits) -> None:
+    def __init__(
+        self, client: openai.AsyncOpenAI, *, keys: KeyRing | None, namespaced: bool, max_body_bytes: int, limits: Limits
+    ) -> None:
         self.client = client
         self.presets = preset_names(client)
         self.limits = limits
         self._max_body_bytes = max_body_bytes
-        self._token: bytes | None = None
-        self._token_key: str | None = None
-        if token is not None:
-            self._token = token.encode("utf-8")
-            # The limiter's key for token holders: a digest, so the token itself is kept only once.
-            self._token_key = "token:" + hashlib.sha256(self._token).hexdigest()[:16]
+        self._keys = keys
+        self._namespaced = namespaced
 
-    def _refusal(self, request: Request) -> Reply | None:
-        if self._token is None:
-            return None
+    def _caller(self, request: Request) -> _Caller | Reply:
+        """Who sent `request` (its key, when the server has keys), or the 401 refusing it."""
+        if self._keys is None:
+            # Without server keys, a client's Authorization header is its own choice, so it cannot
+            # name the client; the peer's address (not port: one client opens many connections) does.
+            peer = request.client.host if request.client is not None else "unknown"
+            return _Caller(f"peer:{peer}", None)
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         # Starlette decodes header values as latin-1: encoding back gives the bytes that were sent.
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), self._token):
-            return None
-        return error_reply(
-            401, "missing or invalid bearer token", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
-        )
+        key_id = self._keys.match(given.strip().encode("latin-1")) if scheme.lower() == "bearer" else None
+        if key_id is None:
+            return error_reply(
+                401, "missing or invalid bearer token", code="invalid_api_key", headers={"www-authenticate": "Bearer"}
+            )
+        return _Caller(f"key:{key_id}", key_id if self._namespaced else None)
 
-    def _client_key(self, request: Request) -> str:
-        # Without a server token, a client's Authorization header is its own choice, so it cannot
-        # name the client; the peer's address (not port: one client opens many connections) does.
-        if self._token_key is not None:
-            return self._token_key
-        return f"peer:{request.client.host}" if request.client is not None else "peer:unknown"
+    def _session_headers(self, request: Request, caller: _Caller) -> dict[str, str]:
+        """The session (and key) headers for the library: a key's sessions are `<key id>.<session>`,
+        so that no key reaches another's sessions, whatever session id its clients send."""
+        session_id = request.headers.get(SESSION_HEADER)
+        if caller.key_id is None:
+            return {SESSION_HEADER: session_id} if session_id else {}
+        return {SESSION_HEADER: f"{caller.key_id}.{session_id or DEFAULT_SESSION}", KEY_HEADER: caller.key_id}
 
     async def _read_body(self, request: Request) -> bytes | Reply:
         too_large = error_reply(
@@ -109,9 +123,9 @@ class _Endpoints:
         self, request: Request, path: str, problem_of: _Check, types: tuple[type[Any], type[openai.AsyncStream[Any]]]
     ) -> Reply | Forward:
         """A request that makes a call: its body goes upstream as it arrived, once it is one at all."""
-        refusal = self._refusal(request)
-        if refusal is not None:
-            return refusal
+        caller = self._caller(request)
+        if isinstance(caller, Reply):
+            return caller
         body = await self._read_body(request)
         if isinstance(body, Reply):
             return body
@@ -127,18 +141,16 @@ class _Endpoints:
         if problem is not None:
             message, param = problem
             return error_reply(400, message, param=param)
-        headers = {"content-type": "application/json"}
-        session_id = request.headers.get(SESSION_HEADER)
-        if session_id:
-            headers[SESSION_HEADER] = session_id  # the library reads it and removes it before upstream
-        return self._forward(request, Outgoing("POST", path, body, headers, *types))
+        # The library reads the session and key headers and removes them before upstream.
+        headers = {"content-type": "application/json", **self._session_headers(request, caller)}
+        return self._forward(caller, Outgoing("POST", path, body, headers, *types))
 
     async def _look(self, request: Request, method: Literal["GET", "POST"], suffix: str) -> Reply | Forward:
         """A retrieve or cancel of a stored response: relayed with its query (`?stream=true` resumes a
         background response's events), so the library sees a background response finish."""
-        refusal = self._refusal(request)
-        if refusal is not None:
-            return refusal
+        caller = self._caller(request)
+        if isinstance(caller, Reply):
+            return caller
         # Read even when empty: the relay takes the next message for the client leaving.
         body = await self._read_body(request)
         if isinstance(body, Reply):
@@ -149,15 +161,15 @@ class _Endpoints:
         path = f"/responses/{urllib.parse.quote(response_id, safe='')}{suffix}"
         if request.url.query:
             path += f"?{request.url.query}"
-        return self._forward(request, Outgoing(method, path, body, {}, *_RESPONSES))
+        return self._forward(caller, Outgoing(method, path, body, {}, *_RESPONSES))
 
-    def _forward(self, request: Request, outgoing: Outgoing) -> Forward:
-        return Forward(self.client, outgoing, limits=self.limits, key=self._client_key(request))
+    def _forward(self, caller: _Caller, outgoing: Outgoing) -> Forward:
+        return Forward(self.client, outgoing, limits=self.limits, key=caller.limit_key)
 
     async def models(self, request: Request) -> Reply:
-        refusal = self._refusal(request)
-        if refusal is not None:
-            return refusal
+        caller = self._caller(request)
+        if isinstance(caller, Reply):
+            return caller
         data: list[dict[str, object]] = [
             {"id": f"{MOA_PREFIX}{name}", "object": "model", "created": 0, "owned_by": "moa-stream"}
             for name in self.presets
@@ -220,15 +232,19 @@ def create_app(
     client: openai.AsyncOpenAI,
     *,
     token: str | None = None,
+    keys: KeyRing | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_concurrent_per_client: int = DEFAULT_MAX_CONCURRENT_PER_CLIENT,
 ) -> Starlette:
     """An ASGI app serving `/v1/chat/completions`, `/v1/responses` (create, and retrieve and cancel by id)
     and `/v1/models` through `client` (from `wrap()`).
 
-    With `token`, every request needs `Authorization: Bearer <token>` (401 otherwise). Bodies over
-    `max_body_bytes` are a 413, malformed ones a 400, and more than `max_concurrent_per_client`
-    forwarded requests in flight from one client (its token, else its address) a 429 with `retry-after`.
+    With `token`, every request needs `Authorization: Bearer <token>` (401 otherwise). With `keys` instead,
+    it needs the token of one of the ring's keys: the request's session `s` (its `X-MoA-Session`, else
+    `default`) becomes `<key id>.s`, the key's budget applies to all of its sessions, and a key gone
+    after `keys.reload()` is refused from then on. Bodies over `max_body_bytes` are a 413, malformed
+    ones a 400, and more than `max_concurrent_per_client` forwarded requests in flight from one client
+    (its key, else its address) a 429 with `retry-after`.
     Errors are in OpenAI's JSON shape. The app owns `client`: its lifespan's end closes it, which drains
     pending events and trace lines.
     """
@@ -239,6 +255,8 @@ def create_app(
 
     if token is not None and not token:
         raise ValueError("create_app() token must be a non-empty string or None")
+    if token is not None and keys is not None:
+        raise ValueError("create_app() takes a token or keys, not both")
     if max_body_bytes < 1:
         raise ValueError(f"create_app() max_body_bytes must be at least 1, got {max_body_bytes!r}")
     if max_concurrent_per_client < 1:
@@ -246,7 +264,11 @@ def create_app(
             f"create_app() max_concurrent_per_client must be at least 1, got {max_concurrent_per_client!r}"
         )
     limits = Limits(max_concurrent_per_client)
-    endpoints = _Endpoints(client, token=token, max_body_bytes=max_body_bytes, limits=limits)
+    # One token is the one-key case, its sessions named as the clients name them, as before keys.
+    ring = KeyRing.of_token(token) if token is not None else keys
+    endpoints = _Endpoints(client, keys=ring, namespaced=keys is not None, max_body_bytes=max_body_bytes, limits=limits)
+    if keys is not None:
+        keys.attach(_engine_of(client))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -15,7 +15,7 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 """Largest request body accepted (1 MiB); a larger one is a 413."""
 DEFAULT_MAX_CONCURRENT_PER_CLIENT = 8
-"""Forwarded requests in flight per client (its bearer token, else its address); one more is a 429."""
+"""Forwarded requests in flight per client (its key or token, else its address); one more is a 429."""
 DEFAULT_GRACEFUL_TIMEOUT = 30
 """On shutdown, how many seconds open responses may run on before uvicorn cancels them."""
 
