@@ -1,7 +1,14 @@
-"""The trace writer: one JSON line per turn in `<trace_dir>/<session_id>.jsonl`."""
+"""The trace writer: one JSON line per turn in `<trace_dir>/<session_id>.jsonl`.
+
+Several processes may share a trace directory (replicas of `moa-stream serve`, workers) and write
+the same session's file: each batch is appended whole under an exclusive `flock` of that file, so
+their lines never interleave, and readers keep one file per session.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -18,10 +25,12 @@ _OPEN_FILES = 16
 class TraceWriter:
     """A sink that appends each `TurnTrace` as one line; the dispatcher hands it batches.
 
-    Lines are only ever appended whole, in one unbuffered write per batch and file, so a crash can
-    tear at most the last line of a file. The most recently used files stay open (a file that was
-    moved or deleted meanwhile, as by log rotation, is opened anew). It runs on the dispatcher's own
-    thread, so it writes there directly: a thread hop per write would cost more than the write.
+    Lines are only ever appended whole, in one unbuffered write per batch and file under the file's
+    lock (which every writer, in any process, takes), so a crash can tear at most the last line of a
+    file, and the next writer deals with that line before it appends. The most recently used files
+    stay open (a file that was moved or deleted meanwhile, as by log rotation, is opened anew). It
+    runs on the dispatcher's own thread, so it writes there directly: a thread hop per write would
+    cost more than the write.
     """
 
     event_types = (TurnTrace,)
@@ -61,7 +70,7 @@ class TraceWriter:
             path = self.path_for(session_id)
             fd = self._file(path)
             try:
-                _append(fd, buffer)
+                _append_locked(fd, buffer)
             except OSError:
                 # The disk may come back (space freed, directory restored): open the file anew next time.
                 del self._files[path]
@@ -80,7 +89,8 @@ class TraceWriter:
         while len(self._files) >= _OPEN_FILES:
             _, oldest = self._files.popitem(last=False)
             os.close(oldest)
-        fd = self._files[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Read as well: a writer looks at the file's tail for a line torn by a writer that died.
+        fd = self._files[path] = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return fd
 
     async def aclose(self) -> None:
@@ -90,21 +100,78 @@ class TraceWriter:
             os.close(fd)
 
 
-def _append(fd: int, data: bytearray) -> None:
-    """Write all of `data`, or none of it: a failed write (a full disk) takes its partial line back,
-    so that a torn line can only ever be the last one of a file."""
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+def _append_locked(fd: int, data: bytearray) -> None:
+    """Append `data` whole while holding the file's exclusive lock: one lock per batch, not per line.
+
+    The lock keeps another process's write from landing between the pieces of a short write, and its
+    rollback from cutting lines that are not its own."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKS:
+            raise
+        # A file system without locks (an NFS mount without lockd) still takes one process's traces.
+        _append(fd, data, os.fstat(fd).st_size)
+        return
+    try:
+        _append(fd, data, _whole_lines_end(fd))
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _append(fd: int, data: bytearray, start: int) -> None:
+    """Write all of `data` at the end of the file, `start` bytes long, or none of it: a failed write
+    (a full disk) takes its partial line back, so that a torn line can only ever be the last one."""
     view = memoryview(data)
     written = 0
     try:
         while written < len(data):
             written += os.write(fd, view[written:])
     except OSError:
-        if written:
-            # The file is opened for appending, so the bytes of the failed write are its last ones.
-            os.ftruncate(fd, os.fstat(fd).st_size - written)
+        # Only back to the length seen before this write, and only if nothing else grew the file
+        # meanwhile (a writer that ignores the lock): then the bytes past `start` are all ours.
+        if written and os.fstat(fd).st_size == start + written:
+            os.ftruncate(fd, start)
         raise
     finally:
         view.release()
+
+
+_SCAN = 64 * 1024
+
+
+def _whole_lines_end(fd: int) -> int:
+    """The file's length once a torn last line is dealt with: it was left by a writer that died
+    mid-write (no live one is mid-line while we hold the lock), and a line appended after it would
+    be glued to it, making both unreadable. A tail that is a whole record but for its newline is
+    ended, as `read_traces` reads it; anything else is cut off."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    start = size
+    while start > 0:
+        begin = max(0, start - _SCAN)
+        newline = os.pread(fd, start - begin, begin).rfind(b"\n")
+        if newline >= 0:
+            start = begin + newline + 1
+            break
+        start = begin
+    if _decodes(os.pread(fd, size - start, start)):
+        os.write(fd, b"\n")
+        return size + 1
+    os.ftruncate(fd, start)
+    return start
+
+
+def _decodes(line: bytes) -> bool:
+    try:
+        event_decoder.decode(line)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 def _same_file(path: Path, fd: int) -> bool:
