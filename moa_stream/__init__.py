@@ -17,6 +17,7 @@ from ._dispatch import Sink, SinkStats
 from ._errors import ConfigError
 from ._events import (
     Aggregating,
+    BudgetShort,
     BudgetWarning,
     CallOutput,
     CallRecord,
@@ -34,21 +35,23 @@ from ._events import (
     event_decoder,
     event_encoder,
 )
-from ._ledger import SessionState, SessionStateError
+from ._ledger import SessionStateError
 from ._moa import MOA_PREFIX
 from ._presets import Preset, SelfMoA, Slot, self_moa, validate_presets
 from ._pricing import ModelPrice, PriceTable
 from ._session import SESSION_HEADER, current_session, sanitize_session_id, session
 from ._sidecar import SessionLedger
+from ._store import SessionState, StoreConfig
 from ._totals import Totals
 from ._traces import read_traces
 from ._version import __version__
-from ._wrap import add_sink, flush, session_ledger, session_state, sink_stats, wrap
+from ._wrap import add_sink, flush, session_ledger, session_state, set_session_budget, sink_stats, wrap
 
 __all__ = [
     "Aggregating",
     "Budget",
     "BudgetExceeded",
+    "BudgetShort",
     "BudgetWarning",
     "CallOutput",
     "CallRecord",
@@ -74,6 +77,7 @@ __all__ = [
     "Sink",
     "SinkStats",
     "Slot",
+    "StoreConfig",
     "ToolCall",
     "Totals",
     "TurnEnd",
@@ -93,6 +97,7 @@ __all__ = [
     "session",
     "session_ledger",
     "session_state",
+    "set_session_budget",
     "sink_stats",
     "validate_presets",
     "wrap",

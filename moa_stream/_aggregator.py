@@ -17,10 +17,11 @@ from typing import Any, Literal
 import anyio
 
 from ._bridge import BridgeStream, ResponseBuilder
-from ._budget import BudgetBreach
 from ._engine import Engine
+from ._errors import Refusal
 from ._events import Aggregating
 from ._facts import ResponsesRequest
+from ._holds import Hold, max_output_of
 from ._ids import new_id
 from ._meter import Call, Turn
 from ._presets import Preset, Slot
@@ -65,6 +66,8 @@ class AggregatorStep:
     aggregator_wait_s: float | None
     served_id: str | None
     unknown_previous: str | None
+    aggregator_hold: Hold | None
+    """Reserved with the first layer (see `_moa_budget`); a retry reserves its own."""
 
     def seal(self) -> None: ...
 
@@ -100,7 +103,7 @@ class AggregatorStep:
                 return self.refuse(400, self.unknown_previous_message(), param="previous_response_id")
             payload = self._request(api, aggregator, chat_messages, references, inject)
             try:
-                call = turn.new_call(
+                call = await turn.new_call(
                     role="aggregator",
                     label=aggregator.label,
                     provider=upstream.host,
@@ -110,10 +113,12 @@ class AggregatorStep:
                     main=True,
                     secrets=upstream.secrets,
                     responses=ResponsesRequest.of(payload) if api == "responses" else None,
+                    max_output_tokens=max_output_of(payload),
+                    hold=self.aggregator_hold if attempt == 0 else None,
                 )
-            except BudgetBreach as breach:
+            except Refusal as refused:
                 self.seal()
-                return breach.response(self.default.http)
+                return refused.response(self.default.http)
             if attempt == 0:
                 self._aggregating(aggregator, len(references), len(missing), allowed_at)
             last = attempt == preset.aggregator_retries
@@ -177,7 +182,7 @@ class AggregatorStep:
     async def _last_bridged(self, aggregator: Slot, upstream: Upstream, chat_messages: list[Any]) -> Any:
         payload = self._request("chat", aggregator, chat_messages, [], inject_references)
         try:
-            call = self.turn.new_call(
+            call = await self.turn.new_call(
                 role="aggregator",
                 label=aggregator.label,
                 provider=upstream.host,
@@ -187,9 +192,9 @@ class AggregatorStep:
                 main=True,
                 secrets=upstream.secrets,
             )
-        except BudgetBreach as breach:
+        except Refusal as refused:
             self.seal()
-            return breach.response(self.default.http)
+            return refused.response(self.default.http)
         try:
             response = await self._send("chat", call, upstream, payload)
         except Exception as exc:

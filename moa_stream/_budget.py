@@ -20,11 +20,11 @@ import msgspec
 import openai
 
 from ._checks import Where, check_table_keys
-from ._errors import ConfigError, error_response
+from ._errors import ConfigError, Refusal, error_response
 from ._events import BudgetWarning, CallUsage
 from ._totals import Totals
 
-Scope = Literal["session", "turn"]
+Scope = Literal["session", "turn", "key"]
 LimitName = Literal["cost_usd", "input_tokens", "output_tokens", "total_tokens", "calls"]
 
 BUDGET_ERROR = "budget_exceeded"
@@ -61,15 +61,28 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True):
     turn_soft: Limits = Limits()
 
 
-class BudgetBreach(Exception):
+class BudgetBreach(Refusal):
     """A hard limit that refuses the next call (internal; the caller gets `BudgetExceeded`)."""
 
-    def __init__(self, *, scope: Scope, limit: LimitName, threshold: float, spent: float, session_id: str) -> None:
+    def __init__(
+        self,
+        *,
+        scope: Scope,
+        limit: LimitName,
+        threshold: float,
+        spent: float,
+        session_id: str,
+        held: float = 0.0,
+        key_id: str | None = None,
+    ) -> None:
         self.scope: Scope = scope
         self.limit: LimitName = limit
         self.threshold = threshold
         self.spent = spent
+        """Settled plus held by calls in flight."""
+        self.held = held
         self.session_id = session_id
+        self.key_id = key_id
         super().__init__(self.message())
 
     def message(self) -> str:
@@ -81,9 +94,12 @@ class BudgetBreach(Exception):
         else:
             noun = self.limit.replace("_", " ")
             spent, what = f"{self.spent:g} {noun} were used", f"{self.threshold:g} {noun}"
+        if self.held and self.limit != "calls":
+            spent += f" or held by calls in flight ({self.held:.6g} held)"
+        where = f"API key {self.key_id!r}" if self.scope == "key" else f"session {self.session_id!r}"
         return (
             f"moa_stream budget exceeded: the {self.scope} limit {self.scope}.{self.limit} is {what} and "
-            f"{spent} in session {self.session_id!r}; the call was not sent"
+            f"{spent} in {where}; the call was not sent"
         )
 
     def response(self, http: ModuleType) -> Any:
@@ -102,6 +118,7 @@ class BudgetBreach(Exception):
                 "threshold": self.threshold,
                 "spent": self.spent,
                 "session_id": self.session_id,
+                **({"key_id": self.key_id} if self.key_id is not None else {}),
             }
         }
 
@@ -182,15 +199,9 @@ class BudgetPolicy:
         )
         self.limits_sessions = bool(budget.session.items())
         """Session limits need a session's totals: an unreadable sidecar must refuse, not restart from zero."""
-
-    def refusal(
-        self, session_id: str, session: Totals, session_started: int, turn: Totals, turn_started: int
-    ) -> BudgetBreach | None:
-        """The hard limit that refuses one more call, if any. `*_started` count the calls started
-        so far (ended and in flight); tokens and cost are those of the ended calls."""
-        return _check("session", self.budget.session, session, session_started, session_id) or _check(
-            "turn", self.budget.turn, turn, turn_started, session_id
-        )
+        self.hard = bool(budget.session.items() or budget.turn.items())
+        self.weighs = any(name != "calls" for limits in (budget.session, budget.turn) for name, _ in limits.items())
+        """Some hard limit is on tokens or cost: holds must weigh a call's worst case."""
 
     def warnings(
         self,
@@ -222,15 +233,6 @@ class BudgetPolicy:
     def watches_unpriced(self, usage: CallUsage) -> bool:
         """Whether `usage` is a call without a price that a cost limit should warn about (once)."""
         return self.limits_cost and usage.cost_usd is None and usage.usage_source != "missing"
-
-
-def _check(scope: Scope, limits: Limits, totals: Totals, started: int, session_id: str) -> BudgetBreach | None:
-    for name, threshold in limits.items():
-        used = amount(name, totals, started)
-        # One more call must fit under a calls limit; other amounts are known only afterwards.
-        if used + 1 > threshold if name == "calls" else used >= threshold:
-            return BudgetBreach(scope=scope, limit=name, threshold=threshold, spent=used, session_id=session_id)
-    return None
 
 
 def amount(name: LimitName, totals: Totals, calls: int) -> float:

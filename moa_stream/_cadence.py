@@ -38,7 +38,8 @@ class _Entry:
 
 
 class ReferenceCache:
-    """Bounded in entries and age; keyed by preset, session and the transcript up to the last user turn."""
+    """In memory, bounded in entries and age; keyed by preset, session and the transcript up to the
+    last user turn (the Redis store keeps its own, shared, see `_redis_store`)."""
 
     def __init__(self, *, entries: int, ttl_s: float) -> None:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -49,7 +50,7 @@ class ReferenceCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str, *, every_n: int | None) -> CachedReferences | None:
+    async def get(self, key: str, *, every_n: int | None) -> CachedReferences | None:
         """The cached references, or None when they must be rerun (absent, expired, n-th call)."""
         with self._lock:
             entry = self._entries.get(key)
@@ -62,7 +63,7 @@ class ReferenceCache:
             self._entries.move_to_end(key)
             return entry.value
 
-    def put(self, key: str, value: CachedReferences) -> None:
+    async def put(self, key: str, value: CachedReferences) -> None:
         with self._lock:
             self._entries[key] = _Entry(value)
             self._entries.move_to_end(key)

@@ -18,6 +18,7 @@ from ._budget import Budget, budget_from_toml
 from ._checks import Where, check_table_keys, show, unknown_key
 from ._errors import ConfigError
 from ._presets import _PRESET_TYPES, _SELF_MOA_TYPES, _SLOT_TYPES, Preset, SelfMoA, Slot, check_name, validate_presets
+from ._store import StoreConfig, store_from_toml
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,6 +30,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Normalized presets by name (see `validate_presets`)."""
     budget: Budget | None = None
     """The `[budget]` tables, when there are any."""
+    store: StoreConfig | None = None
+    """The `[store]` table, when there is one."""
 
 
 def read_config(path: str | os.PathLike[str]) -> Config:
@@ -36,7 +39,13 @@ def read_config(path: str | os.PathLike[str]) -> Config:
     source, document = _read_toml(path)
     presets = validate_presets(_presets_from_toml(source, document), source=source)
     table = document.get("budget")
-    return Config(source=source, presets=presets, budget=None if table is None else budget_from_toml(source, table))
+    store = document.get("store")
+    return Config(
+        source=source,
+        presets=presets,
+        budget=None if table is None else budget_from_toml(source, table),
+        store=None if store is None else store_from_toml(source, store),
+    )
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Preset]:
@@ -73,7 +82,7 @@ def _read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     return source, document
 
 
-_TOP_LEVEL = ("presets", "budget")
+_TOP_LEVEL = ("presets", "budget", "store")
 
 
 def _presets_from_toml(source: str, document: dict[str, Any]) -> dict[str, Preset]:

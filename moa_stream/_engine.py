@@ -19,12 +19,12 @@ from typing import Any
 import anyio
 
 from ._background import BackgroundResponses
-from ._budget import Budget, BudgetPolicy, Limits
-from ._cadence import ReferenceCache
+from ._budget import Budget, BudgetBreach, BudgetPolicy, Limits
 from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
-from ._errors import ClientClosedError
+from ._errors import ClientClosedError, StoreUnavailable
 from ._events import CallUsage, TurnEnd, TurnTrace
-from ._ledger import SessionStore
+from ._holds import Hold, ScopeLimits
+from ._ledger import MemoryStore
 from ._meter import Call, Turn
 from ._presets import Preset
 from ._pricing import PriceTable
@@ -32,6 +32,7 @@ from ._quirks import UpstreamQuirks
 from ._redact import Redactor
 from ._sidecar import SessionChanged, SidecarWriter
 from ._slots import DEFAULT_UPSTREAM_CONCURRENCY, SlotUpstreams
+from ._store import Store
 from ._totals import Totals
 from ._traces import TraceWriter
 from ._transcripts import Transcripts
@@ -60,6 +61,8 @@ class Engine:
         budget: Budget | None = None,
         presets: Mapping[str, Preset] | None = None,
         upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY,
+        store: Store | None = None,
+        store_unavailable: str | None = None,
     ) -> None:
         if drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, got {drain_timeout!r}")
@@ -70,25 +73,34 @@ class Engine:
         self.background = BackgroundResponses()
         self.transcripts = Transcripts()
         self.presets = dict(presets or {})
-        self.caches = {
-            name: ReferenceCache(entries=preset.cache_entries, ttl_s=preset.cache_ttl_s)
-            for name, preset in self.presets.items()
-        }
         self.slots = SlotUpstreams(upstream_concurrency=upstream_concurrency)
         self.policy = BudgetPolicy(budget) if budget is not None else None
         self.dispatcher = Dispatcher(buffer=sink_buffer)
         self.trace_writer = TraceWriter(trace_dir) if trace_dir is not None else None
-        # A budget with session limits cannot go on from zero when a session's totals are unreadable.
-        self.sessions = SessionStore(
-            self.trace_writer.directory if self.trace_writer else None,
-            fail_on_corrupt=self.policy is not None and self.policy.limits_sessions,
-        )
         if self.trace_writer is not None:
             self.dispatcher.add_sink(self.trace_writer, name="trace_writer")
-            self.dispatcher.add_sink(SidecarWriter(self.sessions.pending, self.sessions.written), name=_SIDECAR_SINK)
-            self.sessions.on_change(
-                lambda session_id: self.dispatcher.offer_to(_SIDECAR_SINK, SessionChanged(session_id=session_id))
+        if store is None:
+            # A budget with session limits cannot go on from zero when a session's totals are unreadable.
+            memory = MemoryStore(
+                self.trace_writer.directory if self.trace_writer else None,
+                fail_on_corrupt=self.policy is not None and self.policy.limits_sessions,
             )
+            if self.trace_writer is not None:
+                self.dispatcher.add_sink(SidecarWriter(memory.pending, memory.written), name=_SIDECAR_SINK)
+                memory.on_change(
+                    lambda session_id: self.dispatcher.offer_to(_SIDECAR_SINK, SessionChanged(session_id=session_id))
+                )
+            store = memory
+        self.store: Store = store
+        self.shared_store = not isinstance(store, MemoryStore)
+        """Other processes share the store (their session budgets apply here too)."""
+        self.store_unavailable = store_unavailable
+        """`closed` or `open` (see `StoreConfig.unavailable`); None: closed when hard limits exist."""
+        store.share_quirks(self.quirks)
+        self.caches = {
+            name: store.reference_cache(name, entries=preset.cache_entries, ttl_s=preset.cache_ttl_s)
+            for name, preset in self.presets.items()
+        }
         for sink in sinks:
             self.dispatcher.add_sink(sink)
         self.key_limits: dict[str, Limits] = {}
@@ -118,7 +130,9 @@ class Engine:
         return self.dispatcher.stats()
 
     async def flush(self) -> bool:
-        return await self.dispatcher.flush(self.drain_timeout)
+        # The store first: its settlements can still emit warnings for the sinks.
+        settled = await self.store.flush(self.drain_timeout)
+        return await self.dispatcher.flush(self.drain_timeout) and settled
 
     def emit(self, event: Any) -> None:
         """Report a progress event (the engine's own records go through `call_ended`/`turn_ended`)."""
@@ -131,42 +145,66 @@ class Engine:
         return self._state is _State.OPEN
 
     async def open_session(self, session_id: str) -> None:
-        """Read the session's sidecar, if it is not in memory yet, in a worker thread: the first
-        request of a session never blocks the caller's event loop on the disk."""
-        if not self.sessions.is_loaded(session_id):
-            await anyio.to_thread.run_sync(self.sessions.load, session_id)
+        """Make the session ready for a turn, off the caller's event loop (`SessionStateError` for
+        a sidecar a budget needs and cannot read)."""
+        await self.store.open_session(session_id)
 
-    def new_turn(self, *, session_id: str, model: str) -> Turn:
+    def new_turn(self, *, session_id: str, model: str, key_id: str | None = None) -> Turn:
         """A new turn (`ClientClosedError` once the client is closed)."""
         if self._state is not _State.OPEN:
             raise ClientClosedError("moa_stream: the client is closed")
-        self.sessions.ledger(session_id)  # a corrupt sidecar a budget needs raises SessionStateError here
-        turn = Turn(self, session_id=session_id, model=model)
+        own = self.store.session_budget(session_id)
+        policy = BudgetPolicy(own) if own is not None else self.policy
+        key_limits = self.key_limits.get(key_id) if key_id is not None else None
+        weighs = (
+            self.shared_store
+            or (policy is not None and policy.weighs)
+            or (key_limits is not None and any(name != "calls" for name, _ in key_limits.items()))
+        )
+        turn = Turn(self, session_id=session_id, model=model, key_id=key_id, policy=policy, weighs=weighs)
         self._open_turns.add(turn)
         return turn
 
-    def admit(self, call: Call, turn_totals: Totals, turn_started: int) -> None:
-        policy = self.policy
-        session_id = call.turn.session_id
-        refusal = (
-            None
-            if policy is None
-            else lambda totals, started: policy.refusal(session_id, totals, started, turn_totals, turn_started)
-        )
-        self.sessions.admit(session_id, refusal)
+    async def reserve(self, turn: Turn, holds: list[Hold]) -> tuple[list[Hold], BudgetBreach | None]:
+        policy = turn.policy
+        scopes = [ScopeLimits("session", turn.session_id, policy.budget.session if policy is not None else Limits())]
+        key_limits = self.key_limits.get(turn.key_id) if turn.key_id is not None else None
+        if key_limits is not None:
+            scopes.append(ScopeLimits("key", turn.key_id or "", key_limits))
+        try:
+            return await self.store.reserve(turn.session_id, scopes, holds)
+        except StoreUnavailable:
+            if self._fails_open(policy, key_limits):
+                return list(holds), None  # metered as always; the store settles them once it is back
+            raise
+
+    def _fails_open(self, policy: BudgetPolicy | None, key_limits: Limits | None) -> bool:
+        if self.store_unavailable is not None:
+            return self.store_unavailable == "open"
+        return not (key_limits is not None or (policy is not None and policy.hard))
+
+    def release(self, turn: Turn, call_ids: list[str]) -> None:
+        self.store.release(turn.session_id, turn.key_id, call_ids)
+
+    def call_started(self, call: Call) -> None:
         self._open_calls.add(call)
 
     def call_ended(self, call: Call, usage: CallUsage, turn: tuple[Totals, Totals]) -> None:
         self._open_calls.discard(call)
-        session = self.sessions.record(usage)
+        policy = call.turn.policy
         self.dispatcher.offer(usage)
-        policy = self.policy
-        if policy is not None and session is not None:
-            first_unpriced = policy.watches_unpriced(usage) and self.sessions.warn_once(
-                usage.session_id, "cost_unknown"
-            )
+        if policy is None:
+            self.store.settle(usage, call.turn.key_id, _ignore)
+            return
+
+        def settled(session: tuple[Totals, Totals] | None) -> None:
+            if session is None:
+                return
+            first_unpriced = policy.watches_unpriced(usage) and self.store.warn_once(usage.session_id, "cost_unknown")
             for warning in policy.warnings(usage, session, turn, first_unpriced=first_unpriced):
                 self.dispatcher.offer(warning)
+
+        self.store.settle(usage, call.turn.key_id, settled)
 
     def hold_background(self, call: Call) -> None:
         self.background.hold(call)
@@ -187,7 +225,7 @@ class Engine:
             served = moa.served_id or (answer.response_id if answer is not None else None)
             if answer is not None and served is not None:
                 self.transcripts.record(served, moa.conversation, answer.output)
-        self.sessions.record(end)
+        self.store.record_turn(end)
         self.dispatcher.offer(end)
         self.dispatcher.offer(trace)
 
@@ -237,6 +275,7 @@ class Engine:
                 turn.cut_short()
             self._state = _State.CLOSED
             await self.slots.aclose()
+            await self.store.aclose()  # settles what is pending, before the sinks stop
             await self.dispatcher.aclose(self.drain_timeout)
 
     async def _finish_tails(self) -> None:
@@ -247,3 +286,7 @@ class Engine:
         ours = [task for task in self._tails if task.get_loop() is loop]
         if ours:
             await asyncio.wait(ours)
+
+
+def _ignore(session: tuple[Totals, Totals] | None) -> None:
+    pass

@@ -52,3 +52,29 @@ def error_response(
     )
     all_headers = {"content-type": "application/json", "x-should-retry": "false", **(headers or {})}
     return http.Response(status, headers=all_headers, content=body)
+
+
+class Refusal(Exception):
+    """A call refused before it was sent (a budget limit, an unreachable store); internal, the
+    caller gets `response()` as its answer."""
+
+    def message(self) -> str:
+        return str(self)
+
+    def response(self, http: ModuleType) -> Any:
+        raise NotImplementedError
+
+
+class StoreUnavailable(Refusal):
+    """The shared store could not be reached, and a hard limit needs it (`store_unavailable =
+    "closed"`): the call is refused with a 503 that names the store."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        super().__init__(
+            f"moa_stream: the store at {where} is unavailable ({reason}); hard budget limits need it, "
+            f"so the call was not sent (store_unavailable = 'closed')"
+        )
+
+    def response(self, http: ModuleType) -> Any:
+        return error_response(http, 503, str(self), code="store_unavailable")

@@ -237,6 +237,18 @@ class Aggregating(_Record, tag="aggregating", tag_field="type", kw_only=True, fr
     """`hit` when the references were reused from an earlier call of the same user turn."""
 
 
+class BudgetShort(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A MoA layer the budget could not hold in full (see `Preset.on_budget_short`)."""
+
+    policy: str
+    """`fewer_references`, `aggregator_alone` or `refuse`."""
+    layer: int
+    left_out: list[str]
+    """Labels of the references that did not run for the budget."""
+    limit: str
+    """The limit that was short, as `<scope>.<limit>`."""
+
+
 class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, frozen=True):
     """One record per turn, appended to `<trace_dir>/<session_id>.jsonl`."""
 
@@ -257,6 +269,8 @@ class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, froze
     aggregator_wait_s: float | None = None
     """For a MoA turn: seconds from the moment the fan-out rule allowed the aggregator to start
     (quorum and grace, or every reference done) to the aggregator request being sent."""
+    budget_short: list[BudgetShort] = []
+    """For a MoA turn: the layers whose references the budget could not all hold, and what ran."""
 
 
 class BudgetWarning(_Record, tag="budget_warning", tag_field="type", kw_only=True, frozen=True):
@@ -265,10 +279,11 @@ class BudgetWarning(_Record, tag="budget_warning", tag_field="type", kw_only=Tru
     session_id: str
     turn_id: str
     """The turn whose call crossed the limit."""
-    kind: Literal["soft_limit", "cost_unknown"]
+    kind: Literal["soft_limit", "cost_unknown", "budget_short"]
     """`soft_limit`: spending reached a soft limit. `cost_unknown`: a call's price is unknown, so
-    cost limits count it as zero (reported once per session)."""
-    scope: Literal["session", "turn"]
+    cost limits count it as zero (reported once per session). `budget_short`: a MoA layer ran with
+    fewer references than its preset has (see `TurnTrace.budget_short`)."""
+    scope: Literal["session", "turn", "key"]
     limit: str
     """Which limit: `cost_usd`, `input_tokens`, `output_tokens`, `total_tokens` or `calls`."""
     threshold: float

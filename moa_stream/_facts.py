@@ -42,3 +42,5 @@ class MoaFacts(msgspec.Struct, frozen=True, kw_only=True):
     """The whole conversation as chat messages (a Responses API turn)."""
     served_id: str | None = None
     """The response id the caller was given, when it is not the aggregator's own (a bridged answer)."""
+    budget_short: list[Any] = []
+    """`BudgetShort` records of the layers the budget could not hold in full."""

@@ -1,11 +1,11 @@
-"""The session store: running totals per session (the ledger), users' own key-value state, and the
-calls each session has in flight, in memory and, with a trace directory, in sidecar files.
+"""The embedded store: running totals per session (the ledger), users' own key-value state, budget
+holds of the calls in flight, per-session budgets and key totals, in memory and, with a trace
+directory, in sidecar files (one process; `_redis_store` shares the same between processes).
 
 The store owns its records: every change goes through its methods, under its lock. Totals are
-updated synchronously as each call ends, so budget checks see them at once; a call is admitted (and
-counted in flight) under the same lock that its budget check reads the totals with. Sidecars are
-read when a session is first used (off the caller's event loop, see `Engine.open_session`) and
-written by the sidecar sink (`_sidecar.SidecarWriter`).
+updated synchronously as each call ends, so budget checks see them at once; a call's hold is
+checked and added under the same lock. Sidecars are read when a session is first used (off the
+caller's event loop, see `open_session`) and written by the sidecar sink (`_sidecar.SidecarWriter`).
 """
 
 from __future__ import annotations
@@ -13,21 +13,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import msgspec
 
-from ._budget import BudgetBreach
+from ._budget import Budget, BudgetBreach
+from ._cadence import ReferenceCache
 from ._errors import error_response
 from ._events import CallUsage, TurnEnd
+from ._holds import NO_AMOUNTS, Amounts, Hold, ScopeLimits, admit_group, refusal
+from ._quirks import UpstreamQuirks
 from ._session import current_session, sanitize_session_id
 from ._sidecar import SIDECAR_SUFFIX, SessionLedger, SidecarProblem, Snapshot, read_sidecar
+from ._store import Settled, json_changes
 from ._totals import Totals
 
 logger = logging.getLogger("moa_stream")
@@ -36,10 +40,7 @@ DEFAULT_MAX_SESSIONS = 10_000
 """Sessions kept in memory; beyond that, idle ones whose sidecar is up to date are let go (and read
 again when they come back). Without a trace directory every session stays in memory."""
 _EVICTION_SCAN = 64
-
-Admission = Callable[[Totals, int], BudgetBreach | None]
-"""Given a session's totals and the calls it has started (ended and in flight), the limit that
-refuses one more call, or None."""
+_SETTLED_KEPT = 100_000
 
 
 class SessionStateError(ValueError):
@@ -50,35 +51,35 @@ class SessionStateError(ValueError):
         return error_response(http, 500, str(self), code="session_state_error")
 
 
-_encoder = msgspec.json.Encoder()
-_state_decoder = msgspec.json.Decoder(dict[str, Any])
+class _Holds:
+    """The open holds of one scope (a session, an API key), and what they add up to."""
+
+    __slots__ = ("by_call", "held")
+
+    def __init__(self) -> None:
+        self.by_call: dict[str, Amounts] = {}
+        self.held = NO_AMOUNTS
+
+    def add(self, hold: Hold) -> None:
+        self.by_call[hold.call_id] = hold.amounts
+        self.held = self.held.plus(hold.amounts)
+
+    def drop(self, call_id: str) -> None:
+        amounts = self.by_call.pop(call_id, None)
+        if amounts is not None:
+            self.held = self.held.minus(amounts) if self.by_call else NO_AMOUNTS
 
 
-def check_json(value: object, where: str) -> None:
-    """Refuse what JSON would not give back as it is: sets, bytes and other objects (TypeError),
-    NaN and infinities (ValueError), keys that are not strings (TypeError). Tuples are allowed and
-    come back as lists. The message names the place, as `where[...]`."""
-    if value is None or isinstance(value, str | bool | int):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{where}: {value!r} has no JSON form")
-        return
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            check_json(item, f"{where}[{index}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; JSON keys are strings")
-            check_json(item, f"{where}[{key!r}]")
-        return
-    raise TypeError(f"{where}: a {type(value).__name__} is not JSON (use lists, dicts, str, int, float, bool, None)")
+class _Key:
+    __slots__ = ("holds", "totals")
+
+    def __init__(self) -> None:
+        self.totals = Totals()
+        self.holds = _Holds()
 
 
 class _Session:
-    __slots__ = ("in_flight", "ledger", "persist", "state", "version", "warned", "written")
+    __slots__ = ("budget", "holds", "ledger", "persist", "state", "version", "warned", "written")
 
     def __init__(self, ledger: SessionLedger, state: dict[str, Any], version: int, *, persist: bool) -> None:
         self.ledger = ledger
@@ -87,13 +88,16 @@ class _Session:
         self.written = version
         """The version the sidecar holds."""
         self.persist = persist
-        self.in_flight = 0
-        """Calls admitted and not ended yet."""
+        self.holds = _Holds()
+        """The holds of calls admitted and not ended yet."""
+        self.budget: Budget | None = None
         self.warned: set[str] = set()
 
 
-class SessionStore:
-    """The sessions of one wrapped client: ledgers, state, calls in flight, and their sidecar files."""
+class MemoryStore:
+    """The sessions of one wrapped client: ledgers, state, holds, and their sidecar files."""
+
+    where = "memory"
 
     def __init__(
         self, directory: Path | None, *, fail_on_corrupt: bool = False, max_sessions: int = DEFAULT_MAX_SESSIONS
@@ -105,6 +109,9 @@ class SessionStore:
         self.max_sessions = max_sessions
         self._lock = threading.RLock()
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._keys: dict[str, _Key] = {}
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        """Call ids settled lately: a second settlement of one is ignored."""
         self._on_change: Callable[[str], None] | None = None
 
     def path_for(self, session_id: str) -> Path | None:
@@ -114,39 +121,116 @@ class SessionStore:
 
     # -- calls and turns -------------------------------------------------------------------------
 
-    def admit(self, session_id: str, refusal: Admission | None = None) -> None:
-        """Count one more call in flight for the session, unless `refusal` (a budget's check of its
-        totals) names a limit, which is raised and nothing is counted. Each admitted call is
-        released exactly once, by `record` of its usage."""
+    async def open_session(self, session_id: str) -> None:
+        """Read the session's sidecar, if it is not in memory yet, in a worker thread: the first
+        request of a session never blocks the caller's event loop on the disk."""
+        if not self.is_loaded(session_id):
+            await anyio.to_thread.run_sync(self.load, session_id)
+        self.ledger(session_id)  # a corrupt sidecar a budget needs raises SessionStateError here
+
+    def session_budget(self, session_id: str) -> Budget | None:
+        with self._session(session_id) as found:
+            return found.budget
+
+    def set_session_budget(self, session_id: str, budget: Budget | None) -> None:
+        with self._session(session_id) as found:
+            found.budget = budget
+
+    async def reserve(
+        self, session_id: str, scopes: Sequence[ScopeLimits], holds: Sequence[Hold]
+    ) -> tuple[list[Hold], BudgetBreach | None]:
         with self._lock:
             found = self._found(session_id)
-            if refusal is not None:
-                breach = refusal(found.ledger.totals, found.ledger.totals.calls + found.in_flight)
-                if breach is not None:
-                    raise breach
-            found.in_flight += 1
+            checked: list[tuple[ScopeLimits, Totals, _Holds]] = []
+            for scope in scopes:
+                if scope.scope == "key":
+                    key = self._keys.setdefault(scope.scope_id, _Key())
+                    checked.append((scope, key.totals, key.holds))
+                else:
+                    if found.budget is not None:
+                        scope = scope._replace(limits=found.budget.session)
+                    checked.append((scope, found.ledger.totals, found.holds))
 
-    def record(self, event: CallUsage | TurnEnd) -> tuple[Totals, Totals] | None:
-        """Add a call's usage (releasing its admission) or a turn to its session; for a call, the
-        session's totals before and after. Never raises: it runs as calls end."""
+            def check(adding: Amounts) -> BudgetBreach | None:
+                for scope, totals, open_holds in checked:
+                    breach = refusal(scope, totals, open_holds.held, adding, session_id=session_id)
+                    if breach is not None:
+                        return breach
+                return None
+
+            admitted, breach = admit_group(holds, check)
+            for hold in admitted:
+                for _, _, open_holds in checked:
+                    open_holds.add(hold)
+            return admitted, breach
+
+    def settle(self, usage: CallUsage, key_id: str | None, then: Settled) -> None:
+        with self._lock:
+            if usage.call_id in self._settled:
+                then(None)
+                return
+            self._settled[usage.call_id] = None
+            if len(self._settled) > _SETTLED_KEPT:
+                self._settled.popitem(last=False)
+            if key_id is not None:
+                key = self._keys.setdefault(key_id, _Key())
+                key.holds.drop(usage.call_id)
+                key.totals = key.totals.plus(usage)
+            then(self._record_usage(usage))
+
+    def release(self, session_id: str, key_id: str | None, call_ids: Sequence[str]) -> None:
+        with self._lock:
+            found = self._sessions.get(session_id)
+            key = self._keys.get(key_id) if key_id is not None else None
+            for call_id in call_ids:
+                if found is not None:
+                    found.holds.drop(call_id)
+                if key is not None:
+                    key.holds.drop(call_id)
+
+    def record_turn(self, end: TurnEnd) -> None:
         with self._lock:
             try:
-                found = self._found(event.session_id)
+                found = self._found(end.session_id)
             except SessionStateError:
-                return None  # the corrupt file was reported when the session was first used
-            ledger = found.ledger
+                return  # the corrupt file was reported when the session was first used
             found.version += 1
-            if isinstance(event, TurnEnd):
-                found.ledger = msgspec.structs.replace(ledger, turns=ledger.turns + 1)
-                return None
-            found.in_flight -= 1
-            found.ledger = msgspec.structs.replace(
-                ledger,
-                totals=ledger.totals.plus(event),
-                by_model={**ledger.by_model, event.model: ledger.by_model.get(event.model, Totals()).plus(event)},
-                by_role={**ledger.by_role, event.role: ledger.by_role.get(event.role, Totals()).plus(event)},
-            )
-            return ledger.totals, found.ledger.totals
+            found.ledger = msgspec.structs.replace(found.ledger, turns=found.ledger.turns + 1)
+
+    def _record_usage(self, event: CallUsage) -> tuple[Totals, Totals] | None:
+        """Add a call's usage to its session, dropping its hold; the totals before and after.
+        Never raises: it runs as calls end."""
+        try:
+            found = self._found(event.session_id)
+        except SessionStateError:
+            return None  # the corrupt file was reported when the session was first used
+        ledger = found.ledger
+        found.version += 1
+        found.holds.drop(event.call_id)
+        found.ledger = msgspec.structs.replace(
+            ledger,
+            totals=ledger.totals.plus(event),
+            by_model={**ledger.by_model, event.model: ledger.by_model.get(event.model, Totals()).plus(event)},
+            by_role={**ledger.by_role, event.role: ledger.by_role.get(event.role, Totals()).plus(event)},
+        )
+        return ledger.totals, found.ledger.totals
+
+    def key_totals(self, key_id: str) -> Totals:
+        with self._lock:
+            key = self._keys.get(key_id)
+            return Totals() if key is None else key.totals
+
+    def reference_cache(self, preset: str, *, entries: int, ttl_s: float) -> ReferenceCache:
+        return ReferenceCache(entries=entries, ttl_s=ttl_s)
+
+    def share_quirks(self, quirks: UpstreamQuirks) -> None:
+        pass  # one process: its quirks are all there is
+
+    async def flush(self, timeout: float) -> bool:
+        return True  # settled as calls end
+
+    async def aclose(self) -> None:
+        pass  # the sidecar sink, the dispatcher's, writes what is pending
 
     def warn_once(self, session_id: str, key: str) -> bool:
         """True the first time `key` is asked for the session, False after."""
@@ -167,11 +251,8 @@ class SessionStore:
             return dict(found.state)
 
     def update_state(self, session_id: str, changes: dict[str, Any], removed: tuple[str, ...] = ()) -> None:
-        # Values must come back from the sidecar's JSON as they are read here: refuse what would not
-        # (before anything changes), and keep what a restart reads (a tuple becomes a list).
-        for key, value in changes.items():
-            check_json(value, f"session state {key!r}")
-        changes = _state_decoder.decode(_encoder.encode(changes))
+        # Values must come back from the sidecar's JSON as they are read here.
+        changes = json_changes(changes)
         with self._session(session_id) as found:
             self._check_state(session_id, found)
             found.state = {k: v for k, v in {**found.state, **changes}.items() if k not in removed}
@@ -235,7 +316,11 @@ class SessionStore:
         idle = [
             session_id
             for session_id, found in itertools.islice(self._sessions.items(), _EVICTION_SCAN)
-            if found.persist and found.in_flight == 0 and found.written == found.version and session_id != keep
+            if found.persist
+            and not found.holds.by_call
+            and found.budget is None
+            and found.written == found.version
+            and session_id != keep
         ]
         for session_id in idle[: len(self._sessions) - self.max_sessions]:
             del self._sessions[session_id]
@@ -260,34 +345,6 @@ class SessionStore:
             found = self._sessions.get(session_id)
             if found is not None:
                 found.written = max(found.written, version)
-
-
-class SessionState:
-    """A session's own key-value store (last write wins), kept in its sidecar, never in traces.
-
-    Values must be JSON. Get one with `moa_stream.session_state(client)`.
-    """
-
-    def __init__(self, store: SessionStore, session_id: str) -> None:
-        self._store = store
-        self.session_id = session_id
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._store.get_state(self.session_id).get(key, default)
-
-    def set(self, key: str, value: Any) -> None:
-        self._store.update_state(self.session_id, {key: value})
-
-    def delete(self, key: str) -> None:
-        """Remove `key` (nothing happens if it is not there)."""
-        self._store.update_state(self.session_id, {}, removed=(key,))
-
-    def items(self) -> dict[str, Any]:
-        """A copy of everything stored."""
-        return self._store.get_state(self.session_id)
-
-    def keys(self) -> list[str]:
-        return sorted(self._store.get_state(self.session_id))
 
 
 def session_id_or_current(session_id: str | None) -> str:

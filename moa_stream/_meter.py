@@ -12,12 +12,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-import anyio
 import msgspec
 
-from ._budget import BudgetBreach
+from ._budget import BudgetBreach, BudgetPolicy
 from ._buffer import CallBuffer
-from ._errors import ClientClosedError
+from ._errors import ClientClosedError, Refusal
 from ._events import (
     CallRecord,
     CallStatus,
@@ -27,11 +26,13 @@ from ._events import (
     TurnTrace,
 )
 from ._facts import MoaFacts, ResponsesRequest
+from ._holds import Hold
 from ._ids import new_id
-from ._outcome import one_line, output_source, worst
+from ._outcome import interruption, output_source, turn_outcome
 from ._pricing import PriceTable
 from ._redact import Redactor, redact_trace, scrub, secret_redactor
 from ._totals import Totals
+from ._turn_holds import TurnHolds
 from ._usage import resolve_tokens
 
 
@@ -44,8 +45,13 @@ class Owner(Protocol):
     @property
     def is_open(self) -> bool: ...
 
-    def admit(self, call: Call, turn_totals: Totals, turn_started: int) -> None:
-        """Let `call` start (count it in flight), or raise `BudgetBreach`."""
+    async def reserve(self, turn: Turn, holds: list[Hold]) -> tuple[list[Hold], BudgetBreach | None]:
+        """Admit what fits of `holds` (see `_holds.admit_group`), or raise `StoreUnavailable`."""
+
+    def release(self, turn: Turn, call_ids: list[str]) -> None:
+        """Give back the holds of calls that will not start."""
+
+    def call_started(self, call: Call) -> None: ...
 
     def call_ended(self, call: Call, usage: CallUsage, turn: tuple[Totals, Totals]) -> None:
         """Record and report a call that has ended; `turn` is the turn's totals before and after."""
@@ -66,13 +72,28 @@ class Owner(Protocol):
 class Turn:
     """A caller's request: one or more upstream calls, closed by one `TurnEnd` and one `TurnTrace`.
 
-    The turn ends when it is sealed (no more calls will start) and its last call has ended.
+    The turn ends when it is sealed (no more calls will start) and its last call has ended. Its
+    `policy` is its session's budget (its own, or the client's); `key_id` the API key whose limits
+    apply too (`serve --keys`); `weighs` whether holds weigh tokens and cost, or only count calls.
     """
 
-    def __init__(self, owner: Owner, *, session_id: str, model: str) -> None:
+    def __init__(
+        self,
+        owner: Owner,
+        *,
+        session_id: str,
+        model: str,
+        key_id: str | None = None,
+        policy: BudgetPolicy | None = None,
+        weighs: bool = False,
+    ) -> None:
         self.owner = owner
         self.turn_id = new_id()
         self.session_id = session_id
+        self.key_id = key_id
+        self.policy = policy
+        self.weighs = weighs
+        self.holds = TurnHolds()
         self.model = model
         self.started_at = time.time()
         self._t0 = time.perf_counter()
@@ -86,20 +107,25 @@ class Turn:
         self._main_usage: CallUsage | None = None
         """The main call's usage, kept once it ended: holding the call would keep a reference cycle
         (call -> turn -> call) that only the garbage collector could free, for every call."""
-        self.refused: BudgetBreach | None = None
-        """The budget limit that refused one of the turn's calls, if any."""
+        self.refused: Refusal | None = None
+        """What refused one of the turn's calls (a budget limit, the store), if any."""
         self._error: str | None = None
         self._cut = False
         self._secrets: set[str] = set()
         self._secret_seen = False
         self._moa: MoaFacts | None = None
 
+    def settled(self) -> Totals:
+        """What the turn's ended calls used."""
+        with self._lock:
+            return self._totals
+
     def calls_so_far(self) -> list[CallUsage]:
         """Usage of the calls that have ended so far."""
         with self._lock:
             return [record.usage for record in self._records]
 
-    def new_call(
+    async def new_call(
         self,
         *,
         role: Role,
@@ -111,20 +137,28 @@ class Turn:
         main: bool = False,
         secrets: tuple[str, ...] = (),
         responses: ResponsesRequest | None = None,
+        max_output_tokens: int | None = None,
+        hold: Hold | None = None,
     ) -> Call:
         """Start a call; `main` marks the one whose output the caller receives; `secrets` are the
         credential values its request carries, kept out of every event and trace; `responses`
-        makes it a Responses API call, with the rest of its request.
-
-        Raises `BudgetBreach` (and starts nothing) when a hard budget limit refuses the call, and
-        `ClientClosedError` once the client is closed.
-        """
+        makes it a Responses API call. `hold` is one the turn reserved ahead; without it, the
+        call's worst case is reserved now. Raises `Refusal` (a budget limit, an unreachable store)
+        and starts nothing, or `ClientClosedError` once the client is closed."""
         if self._sealed:
             raise RuntimeError("a sealed turn cannot start calls")
         if not self.owner.is_open:
             raise ClientClosedError("moa_stream: the client is closed")
+        if hold is None or not self.holds.planned(hold):
+            try:
+                hold = await self.holds.admit(self, model, input_messages, max_output_tokens)
+            except Refusal as refused:
+                self.refused = self.refused or refused
+                raise
+        self.holds.started(hold)
         call = Call(
             self,
+            call_id=hold.call_id,
             role=role,
             label=label,
             provider=provider,
@@ -135,17 +169,11 @@ class Turn:
             responses=responses,
         )
         with self._lock:
-            totals, started = self._totals, len(self._records) + self._open
-        try:
-            self.owner.admit(call, totals, started)
-        except BudgetBreach as breach:
-            self.refused = self.refused or breach
-            raise
-        with self._lock:
             self._open += 1
             if main:
                 self._main = call
             self._secrets.update(secrets)
+        self.owner.call_started(call)
         return call
 
     def fail(self, reason: str) -> None:
@@ -174,6 +202,7 @@ class Turn:
         facts here, once."""
         if moa is not None and self._moa is None:
             self._moa = moa
+        self.holds.release_planned(self)
         with self._lock:
             self._sealed = True
             end = self._open == 0 and not self._ended
@@ -191,6 +220,7 @@ class Turn:
             self._open -= 1
             end = self._sealed and self._open == 0 and not self._ended
             self._ended = self._ended or end
+        self.holds.ended(call.call_id)  # after the totals have it: counted twice for a moment, never zero times
         self.owner.call_ended(call, record.usage, (before, after))
         if end:
             self._end()
@@ -199,7 +229,8 @@ class Turn:
         records = sorted(self._records, key=lambda r: r.usage.started_at)
         usages = [r.usage for r in records]
         main = self._main_usage
-        status, error = self._outcome(main, usages)
+        reason = self._error or (self.refused.message() if self.refused is not None else None)
+        status, error = turn_outcome(main, usages, reason, cut=self._cut)
         if error is not None and self._secrets:
             error = scrub(error, self._secrets)
         end = TurnEnd(
@@ -231,28 +262,12 @@ class Turn:
             preset=None if moa is None else moa.preset,
             cadence=None if moa is None else moa.cadence,
             aggregator_wait_s=None if moa is None else moa.aggregator_wait_s,
+            budget_short=[] if moa is None else moa.budget_short,
         )
         if self._secret_seen:
             trace = redact_trace(trace, secret_redactor(self._secrets))
         redactor = self.owner.redactor
         self.owner.turn_ended(self, end, trace if redactor is None else redact_trace(trace, redactor))
-
-    def _outcome(self, main: CallUsage | None, usages: list[CallUsage]) -> tuple[CallStatus, str | None]:
-        """The turn's status, and for an `error` its one-line reason."""
-        reason = self._error or (self.refused.message() if self.refused is not None else None)
-        if main is not None:
-            status = main.status
-        elif reason is not None:
-            status = "error"
-        else:
-            status = "closed_early" if self._cut else worst(usages)
-        if status != "error":
-            return status, None
-        if reason is None and main is not None:
-            reason = main.error
-        if reason is None:
-            reason = next((u.error for u in usages if u.error), None) or "no call of the turn succeeded"
-        return status, one_line(reason)
 
 
 _ENDING = threading.RLock()
@@ -268,6 +283,7 @@ class Call:
         "_ending",
         "_t0",
         "buffer",
+        "call_id",
         "deadline",
         "held",
         "http_status",
@@ -290,6 +306,7 @@ class Call:
         self,
         turn: Turn,
         *,
+        call_id: str,
         role: Role,
         label: str,
         provider: str,
@@ -300,6 +317,7 @@ class Call:
         responses: ResponsesRequest | None = None,
     ) -> None:
         self.turn = turn
+        self.call_id = call_id
         self.responses = responses
         self.role: Role = role
         self.label = label
@@ -338,15 +356,8 @@ class Call:
             self.ttft_s = time.perf_counter() - self._t0
 
     def interrupted(self, exc: BaseException) -> tuple[CallStatus, str | None]:
-        """The status of a call that `exc` interrupted: its own timeout is an error, any other
-        cancellation is `cancelled`, a generator closed by its consumer is `closed_early`."""
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
-            if self.deadline is not None and anyio.current_time() >= self.deadline[0]:
-                return "error", f"timed out after {self.deadline[1]:g}s"
-            return "cancelled", None
-        if isinstance(exc, GeneratorExit):
-            return "closed_early", None
-        return "error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        """The status of a call that `exc` interrupted (see `_outcome.interruption`)."""
+        return interruption(exc, self.deadline)
 
     def end(self, status: CallStatus, error: str | None = None) -> None:
         """Record how the call ended and emit its `CallUsage`. Synchronous, so cancellation can never
@@ -381,7 +392,7 @@ class Call:
         model = buffer.model or self.model
         prices = turn.owner.prices
         self.usage = usage = CallUsage(
-            call_id=new_id(),
+            call_id=self.call_id,
             turn_id=turn.turn_id,
             session_id=turn.session_id,
             role=self.role,

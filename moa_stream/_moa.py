@@ -15,15 +15,16 @@ import anyio
 import anyio.abc
 
 from ._aggregator import AggregatorStep, slot_payload
-from ._budget import BudgetBreach
 from ._cadence import CachedReferences, user_turn_key
 from ._engine import Engine
-from ._errors import error_response
-from ._events import CallStatus, ReferenceDone, ReferenceStarted
+from ._errors import Refusal, error_response
+from ._events import BudgetShort, CallStatus, ReferenceDone, ReferenceStarted
 from ._facts import MoaFacts, ResponsesRequest
 from ._fanout import run_layer
+from ._holds import Hold
 from ._ledger import SessionStateError
 from ._meter import Call, Turn
+from ._moa_budget import budget_short, plan_layer, short_warning
 from ._presets import Preset, Slot
 from ._prompt import Reference, inject_references, reference_view
 from ._responses_view import request_problem, to_messages
@@ -34,13 +35,20 @@ MOA_PREFIX = "moa:"
 
 
 async def run_moa_turn(
-    engine: Engine, default: Upstream, payload: dict[str, Any], *, body: bytes, session_id: str, api: str = "chat"
+    engine: Engine,
+    default: Upstream,
+    payload: dict[str, Any],
+    *,
+    body: bytes,
+    session_id: str,
+    key_id: str | None = None,
+    api: str = "chat",
 ) -> Any:
     """Answer a `moa:<name>` request (chat completions, or `api="responses"`): the aggregator's
     response, teed, or an error response."""
     model = str(payload["model"])
     try:
-        turn = engine.new_turn(session_id=session_id, model=model)
+        turn = engine.new_turn(session_id=session_id, model=model, key_id=key_id)
     except SessionStateError as exc:
         return exc.response(default.http)
     turn.note_inputs(body, default.secrets)
@@ -139,6 +147,11 @@ class MoaTurn(AggregatorStep):
         """A Responses API turn's conversation without its instructions: what its transcript keeps."""
         self.unknown_previous: str | None = None
         """A `previous_response_id` with no transcript here (only the aggregator's upstream may hold it)."""
+        self.aggregator_hold: Hold | None = None
+        self.budget_short: list[BudgetShort] = []
+        self.refused_ahead: Refusal | None = None
+        self.budgeted = turn.policy is not None or turn.key_id in engine.key_limits or engine.shared_store
+        """Some limit may apply: layers reserve their holds ahead (see `_moa_budget`)."""
 
     def seal(self) -> None:
         """No more calls: the turn ends with what it did, and its MoA facts in the trace."""
@@ -148,6 +161,7 @@ class MoaTurn(AggregatorStep):
             aggregator_wait_s=self.aggregator_wait_s,
             conversation=self.conversation,
             served_id=self.served_id,
+            budget_short=self.budget_short,
         )
         self.turn.seal(facts)
 
@@ -158,7 +172,11 @@ class MoaTurn(AggregatorStep):
 
     async def answer(self, stragglers: anyio.abc.TaskGroup) -> Any:
         references, missing, stale, allowed_at = await self._references(stragglers)
-        if not references and self.preset.on_all_failed == "error":
+        if self.refused_ahead is not None:
+            self.seal()  # the budget cannot pay for the aggregator: nothing ran, nothing will
+            return self.refused_ahead.response(self.default.http)
+        left_out_all = bool(self.budget_short) and not self.turn.calls_so_far()
+        if not references and self.preset.on_all_failed == "error" and not left_out_all:
             if self.turn.refused is not None:  # the budget stopped the fan-out: that is the error to report
                 self.seal()
                 return self.turn.refused.response(self.default.http)
@@ -175,7 +193,7 @@ class MoaTurn(AggregatorStep):
         cache = self.engine.caches[self.name]
         key = None if preset.cadence == "per_call" else user_turn_key(self.name, turn.session_id, self.messages)
         if key is not None:
-            cached = cache.get(key, every_n=preset.every_n if preset.cadence == "every_n" else None)
+            cached = await cache.get(key, every_n=preset.every_n if preset.cadence == "every_n" else None)
             if cached is not None:
                 self.cadence = "hit"
                 stale = len(self.messages) > cached.transcript_length
@@ -184,17 +202,35 @@ class MoaTurn(AggregatorStep):
         references: list[Reference] = []
         missing: list[str] = []
         allowed_at = time.perf_counter()
+        previous = 0
         for number, layer in enumerate(preset.reference_layers(), start=1):
+            holds: dict[str, Hold] = {}
+            left_out: list[str] = []
+            if self.budgeted:
+                first = number == 1
+                plan = await plan_layer(turn, preset, layer, self.messages, self.payload, first=first, after=previous)
+                if plan.refused is not None:
+                    turn.refused = self.refused_ahead = turn.refused or plan.refused
+                    return [], [], False, time.perf_counter()
+                self.aggregator_hold = self.aggregator_hold or plan.aggregator
+                holds, left_out = plan.holds, plan.left_out
+                if left_out:
+                    self.budget_short.append(budget_short(preset.on_budget_short, number, plan))
+                    self.engine.emit(short_warning(turn, self.model, preset.on_budget_short, number, plan, len(layer)))
+                    layer = [slot for slot in layer if slot.label in holds]
+                    if not layer:  # nothing of this layer fits: the layer before it is the last one
+                        return references, missing if number > 1 else left_out, False, time.perf_counter()
+                previous = sum(hold.amounts.output_tokens for hold in holds.values())
             # A proposer of a later layer sees the previous layer's answers.
-            calls, allowed_at = await self._layer(number, layer, references, missing, stragglers)
-            references, missing = [], []
+            calls, allowed_at = await self._layer(number, layer, references, missing, stragglers, holds)
+            references, missing = [], list(left_out)
             for slot, call in zip(layer, calls, strict=True):
                 if call is not None and _usable(call):
                     references.append(Reference(slot.label, call.buffer.text))
                 else:
                     missing.append(slot.label)
         if key is not None and references:
-            cache.put(
+            await cache.put(
                 key, CachedReferences(references=references, missing=missing, transcript_length=len(self.messages))
             )
         return references, missing, False, allowed_at
@@ -206,6 +242,7 @@ class MoaTurn(AggregatorStep):
         previous: list[Reference],
         previous_missing: list[str],
         stragglers: anyio.abc.TaskGroup,
+        holds: dict[str, Hold],
     ) -> tuple[list[Call | None], float]:
         """Run one layer's references; their calls in slot order, and when the quorum rule was met."""
         preset, turn = self.preset, self.turn
@@ -238,7 +275,7 @@ class MoaTurn(AggregatorStep):
                 if turn.refused is not None:  # once the budget refused a reference, launch no more
                     raise turn.refused
                 payload = slot_payload(slot, view, base={"stream": True}, api=slot.api)
-                call = calls[index] = turn.new_call(
+                call = calls[index] = await turn.new_call(
                     role="reference",
                     label=slot.label,
                     provider=upstream.host,
@@ -247,8 +284,10 @@ class MoaTurn(AggregatorStep):
                     streamed=True,
                     secrets=upstream.secrets,
                     responses=ResponsesRequest() if slot.api == "responses" else None,
+                    max_output_tokens=slot.max_tokens,
+                    hold=holds.get(slot.label),
                 )
-            except BudgetBreach:
+            except Refusal:
                 reference_done(slot.label, "error")  # refused, so never started: progress still adds up
                 return False
             self.engine.emit(

@@ -101,6 +101,10 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     """Deadline of each reference call in seconds (> 0)."""
     on_all_failed: Literal["aggregator_alone", "error"] = "aggregator_alone"
     """When every reference of a layer failed: answer with the aggregator alone, or fail the turn."""
+    on_budget_short: Literal["fewer_references", "aggregator_alone", "refuse"] = "fewer_references"
+    """When a budget cannot hold a layer's references and the aggregator at their worst case: run
+    the references that fit (the most expensive left out first), the aggregator alone, or refuse the
+    turn. The choice is in the trace (`budget_short`) and a `BudgetWarning`."""
     aggregator_retries: int = 2
     """Further attempts the turn makes for its aggregator request after a 408/409/429/5xx or a
     dropped or timed-out exchange (not a refused connection), before any byte reaches the caller.

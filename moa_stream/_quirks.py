@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -46,6 +47,8 @@ class UpstreamQuirks:
         self._rejects_stream_options: set[str] = set()
         self._lacks_responses: set[str] = set()
         self._unasked: OrderedDict[tuple[str, str], UnaskedUsage] = OrderedDict()
+        self.on_learn: Callable[[str, str], None] | None = None
+        """Told each thing learned, as `(field, value)` (see `fields`), to share it."""
 
     def rejects_stream_options(self, origin: str) -> bool:
         return origin in self._rejects_stream_options
@@ -53,6 +56,7 @@ class UpstreamQuirks:
     def learn_rejects_stream_options(self, origin: str) -> None:
         with self._lock:
             self._rejects_stream_options.add(origin)
+        self._tell(f"stream_options{_SEP}{origin}", "1")
 
     def lacks_responses(self, origin: str) -> bool:
         """The upstream answered `/responses` with 404 or 405: it has no Responses API."""
@@ -61,6 +65,7 @@ class UpstreamQuirks:
     def learn_lacks_responses(self, origin: str) -> None:
         with self._lock:
             self._lacks_responses.add(origin)
+        self._tell(f"no_responses{_SEP}{origin}", "1")
 
     def unasked_usage(self, origin: str, model: str) -> UnaskedUsage | None:
         """What `model` at `origin` streams about usage unasked; None until a call has shown it."""
@@ -69,9 +74,32 @@ class UpstreamQuirks:
             return NOTHING_UNASKED
         return found
 
-    def learn_unasked_usage(self, origin: str, model: str, *, chunk: bool, key: bool) -> None:
+    def learn_unasked_usage(self, origin: str, model: str, *, chunk: bool, key: bool, tell: bool = True) -> None:
         with self._lock:
             self._unasked[(origin, model)] = UnaskedUsage(chunk=chunk, key=key)
             self._unasked.move_to_end((origin, model))
             while len(self._unasked) > _MAX_LEARNED:
                 self._unasked.popitem(last=False)
+        if tell:
+            self._tell(f"unasked{_SEP}{origin}{_SEP}{model}", f"{int(chunk)}{int(key)}")
+
+    def _tell(self, field: str, value: str) -> None:
+        if self.on_learn is not None:
+            self.on_learn(field, value)
+
+    def absorb(self, learned: Mapping[str, str]) -> None:
+        """Take what other processes learned (fields as `on_learn` is told them)."""
+        for field, value in learned.items():
+            kind, _, rest = field.partition(_SEP)
+            if kind == "stream_options":
+                with self._lock:
+                    self._rejects_stream_options.add(rest)
+            elif kind == "no_responses":
+                with self._lock:
+                    self._lacks_responses.add(rest)
+            elif kind == "unasked" and _SEP in rest and len(value) == 2:
+                origin, _, model = rest.partition(_SEP)
+                self.learn_unasked_usage(origin, model, chunk=value[0] == "1", key=value[1] == "1", tell=False)
+
+
+_SEP = "\x1f"

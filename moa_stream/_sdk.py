@@ -118,6 +118,16 @@ def specialize(client: openai.AsyncOpenAI, *, fast: bool, budget: bool) -> None:
             vars(client).pop(name, None)  # resources cached before the switch would be the SDK's
 
 
+def add_budget_errors(client: openai.AsyncOpenAI) -> None:
+    """Make `client` raise `BudgetExceeded` for refusals (a budget was given after `wrap()`)."""
+    for (cls, fast, budget), derived in list(_client_classes.items()):
+        if type(client) is derived:
+            if not budget:
+                client.__class__ = _client_class(cls, fast=fast, budget=True)
+            return
+    specialize(client, fast=False, budget=True)
+
+
 _client_classes: dict[tuple[type[openai.AsyncOpenAI], bool, bool], type[openai.AsyncOpenAI]] = {}
 
 

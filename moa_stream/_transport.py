@@ -14,12 +14,13 @@ from typing import Any
 import anyio
 
 from ._background import observe_background
-from ._budget import BudgetBreach
 from ._engine import Engine
+from ._errors import Refusal
 from ._facts import ResponsesRequest
+from ._holds import max_output_of
 from ._ledger import SessionStateError
 from ._moa import MOA_PREFIX, run_moa_turn
-from ._session import SESSION_HEADER, current_session
+from ._session import KEY_HEADER, SESSION_HEADER, current_session
 from ._upstream import Upstream, send_chat, send_responses
 from ._wire import any_decoder
 
@@ -91,7 +92,8 @@ class MeteringTransport:
             payload = {}  # not ours to judge: the upstream answers it, and the call is still metered
         session_header = request.headers.get(SESSION_HEADER)
         session_id = current_session(session_header)
-        drop = () if session_header is None else (SESSION_HEADER,)
+        key_id = request.headers.get(KEY_HEADER)
+        drop = tuple(name for name in (SESSION_HEADER, KEY_HEADER) if name in request.headers)
         upstream = Upstream.of_request(self._http, self.inner, request, drop=drop)
         try:
             await engine.open_session(session_id)
@@ -99,9 +101,11 @@ class MeteringTransport:
             return exc.response(self._http)
         model = str(payload.get("model", ""))
         if model.startswith(MOA_PREFIX):
-            return await run_moa_turn(engine, upstream, payload, body=body, session_id=session_id, api=api)
+            return await run_moa_turn(
+                engine, upstream, payload, body=body, session_id=session_id, key_id=key_id, api=api
+            )
         try:
-            turn = engine.new_turn(session_id=session_id, model=model)
+            turn = engine.new_turn(session_id=session_id, model=model, key_id=key_id)
         except SessionStateError as exc:
             return exc.response(self._http)
         turn.note_inputs(body, upstream.secrets)
@@ -111,7 +115,7 @@ class MeteringTransport:
         else:
             inputs, request_facts = input_items(payload), ResponsesRequest.of(payload)
         try:
-            call = turn.new_call(
+            call = await turn.new_call(
                 role="direct",
                 label=model,
                 provider=upstream.host,
@@ -121,10 +125,11 @@ class MeteringTransport:
                 main=True,
                 secrets=upstream.secrets,
                 responses=request_facts,
+                max_output_tokens=max_output_of(payload),
             )
-        except BudgetBreach as breach:
+        except Refusal as refused:
             turn.seal()  # a turn with no call and the refusal as its error
-            return breach.response(self._http)
+            return refused.response(self._http)
         turn.seal()
         if api == "chat":
             return await send_chat(engine.quirks, call, upstream, payload, body=body)

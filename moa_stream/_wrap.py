@@ -14,13 +14,15 @@ from ._config import read_config
 from ._dispatch import DEFAULT_SINK_BUFFER, Sink, SinkStats
 from ._engine import Engine
 from ._errors import ConfigError
-from ._ledger import SessionState, session_id_or_current
+from ._ledger import session_id_or_current
 from ._presets import Preset, check_key_variables, validate_presets
 from ._pricing import PriceInput, PriceTable
 from ._redact import RedactInput, make_redactor
-from ._sdk import client_http_module, find_engine, for_module, install, specialize
+from ._redis_store import open_store
+from ._sdk import add_budget_errors, client_http_module, find_engine, for_module, install, specialize
 from ._sidecar import SessionLedger
 from ._slots import DEFAULT_UPSTREAM_CONCURRENCY
+from ._store import SessionState, StoreConfig, validate_store
 from ._transport import MeteringTransport
 
 ClientT = TypeVar("ClientT", bound=openai.AsyncOpenAI)
@@ -41,6 +43,7 @@ def wrap(
     fast: bool = False,
     redact: RedactInput | None = None,
     budget: Budget | None = None,
+    store: str | StoreConfig | None = None,
 ) -> ClientT:
     """Return a copy of `client` (same class, same options) whose chat calls are metered.
 
@@ -64,6 +67,11 @@ def wrap(
     nothing), and soft limits that emit a `BudgetWarning` once. Each session's running totals are
     kept by `moa_stream.session_ledger(client)`; with `trace_dir` they persist in
     `<trace_dir>/<session_id>.state.json` beside the trace file, with `session_state(client)`.
+
+    `store` (a Redis URL, or a `StoreConfig`; or the `[store]` table of `config`) keeps sessions'
+    ledgers, state, budget holds, per-session budgets and MoA reference caches in Redis, shared by
+    every process that uses the same store (needs the `redis` extra); without it they live in this
+    process (and in sidecar files with `trace_dir`).
 
     `fast=True` returns an instance of a subclass of the client's class that builds chat responses
     by validation instead of the SDK's slower construction (same objects, equal `model_dump()`,
@@ -91,6 +99,9 @@ def wrap(
         budget = validate_budget(budget)
     elif file is not None:
         budget = file.budget
+    if store is not None and file is not None and file.store is not None:
+        raise ConfigError(f"store=: a store is also defined in {os.fspath(config or '')}; give one of them")
+    store_config = validate_store(store) if store is not None else file.store if file is not None else None
     table = PriceTable.builtin()
     if price_file is not None:
         table = table.merged(PriceTable.from_litellm_file(price_file))
@@ -106,6 +117,8 @@ def wrap(
         budget=budget,
         presets=all_presets,
         upstream_concurrency=upstream_concurrency,
+        store=None if store_config is None else open_store(store_config),
+        store_unavailable=None if store_config is None else store_config.unavailable,
     )
     # Keep the original client alive: its HTTP client closes the shared pool when collected.
     engine.origin = client
@@ -119,7 +132,7 @@ def wrap(
         return transport
 
     wrapped = install(client, metering)
-    specialize(wrapped, fast=fast, budget=budget is not None)
+    specialize(wrapped, fast=fast, budget=budget is not None or store_config is not None)
     return wrapped
 
 
@@ -132,12 +145,22 @@ def _engine_of(client: openai.AsyncOpenAI) -> Engine:
 
 def session_ledger(client: openai.AsyncOpenAI, session_id: str | None = None) -> SessionLedger:
     """What a session (default: the current one) has used through `client`, restarts included."""
-    return _engine_of(client).sessions.ledger(session_id_or_current(session_id))
+    return _engine_of(client).store.ledger(session_id_or_current(session_id))
 
 
 def session_state(client: openai.AsyncOpenAI, session_id: str | None = None) -> SessionState:
-    """The key-value state of a session (default: the current one), kept in its sidecar file."""
-    return SessionState(_engine_of(client).sessions, session_id_or_current(session_id))
+    """The key-value state of a session (default: the current one), kept in its sidecar file (or
+    the store)."""
+    return SessionState(_engine_of(client).store, session_id_or_current(session_id))
+
+
+def set_session_budget(client: openai.AsyncOpenAI, session_id: str, budget: Budget | None) -> None:
+    """Give one session its own budget, which replaces the client's for that session; None removes
+    it. Kept in the store, so with a shared store every process enforces it (per-user limits)."""
+    if budget is not None:
+        budget = validate_budget(budget, source="set_session_budget()")
+        add_budget_errors(client)
+    _engine_of(client).store.set_session_budget(session_id_or_current(session_id), budget)
 
 
 def add_sink(client: openai.AsyncOpenAI, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:

@@ -59,7 +59,11 @@ class RedisServer:
         binary: str | None = None,
         start_timeout: float = 10.0,
         stop_timeout: float = 5.0,
+        persist: bool = False,
     ) -> None:
+        self._persist = persist
+        """Keep data across a restart (an append-only file, fsynced on every write), as a production
+        Redis would: for tests that take the store away and check that nothing was lost."""
         self._port = port
         self._binary = binary
         self._start_timeout = start_timeout
@@ -161,10 +165,11 @@ class RedisServer:
     def _launch(self, binary: str, directory: Path, port: int) -> None:
         log = directory / "redis.log"
         # --save "" and --appendonly no: nothing reaches the disk, so a restart starts empty.
+        durable = ("--appendonly", "yes", "--appendfsync", "always") if self._persist else ("--appendonly", "no")
         command = [
             binary,
             *("--bind", HOST, "--port", str(port), "--dir", str(directory)),
-            *("--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", ""),
+            *("--save", "", *durable, "--daemonize", "no", "--logfile", ""),
         ]
         # Output goes to a file, not a pipe: a pipe nobody reads would block the server once full.
         with log.open("ab") as output:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import openai
 import pytest
 
@@ -65,37 +66,85 @@ async def test_a_session_cost_limit_counts_what_was_spent_across_calls() -> None
     assert sim.stats.requests == len(log.of(moa_stream.CallUsage))
 
 
-async def test_a_turn_limit_reached_mid_fan_out_stops_references_and_keeps_what_was_spent() -> None:
+async def test_a_turn_limit_too_small_for_the_preset_runs_the_references_that_fit() -> None:
     sim, log = simulator(), EventLog()
     preset = Preset(references=["ref-a", "ref-b", "ref-c"], aggregator="agg")
     client = make(sim, log, Budget(turn=Limits(calls=2)), presets={"trio": preset})
-    with moa_stream.session("fan"), pytest.raises(moa_stream.BudgetExceeded) as refused:
-        await ask(client, "moa:trio", stream=True)
-    ledger = moa_stream.session_ledger(client, "fan")
+    with moa_stream.session("fan"):
+        answer = await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
     await client.close()
-    assert (refused.value.scope, refused.value.limit) == ("turn", "calls")
-    calls = log.of(moa_stream.CallUsage)
-    assert [c.role for c in calls] == ["reference", "reference"]  # the third reference and the aggregator never left
-    assert sim.stats.requests == 2
-    assert ledger.totals.calls == 2
-    assert ledger.totals.output_tokens == sum(c.output_tokens or 0 for c in calls) > 0
-    done = log.of(moa_stream.ReferenceDone)
-    assert sorted(d.done for d in done) == [1, 2, 3]  # progress still adds up
+    assert answer.choices[0].message.content
+    assert sim.stats.requests_by_model == {"ref-a": 1, "agg": 1}  # the aggregator's hold comes first
+    [warning] = log.of(moa_stream.BudgetWarning)
+    assert (warning.kind, warning.scope, warning.limit) == ("budget_short", "turn", "calls")
+    assert "left out: ref-b, ref-c" in warning.message
+    [trace] = log.of(moa_stream.TurnTrace)
+    assert trace.budget_short == [
+        moa_stream.BudgetShort(policy="fewer_references", layer=1, left_out=["ref-b", "ref-c"], limit="turn.calls")
+    ]
+    assert [record.label for record in trace.calls] == ["ref-a", "agg"]
+    assert trace.end.status == "completed"
+
+
+async def test_fewer_references_leaves_out_the_most_expensive_first() -> None:
+    sim, log = simulator(), EventLog()
+    prices = {
+        "ref-a": {"input_cost_per_token": 1e-3, "output_cost_per_token": 1e-3},
+        "ref-b": {"input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6},
+        "ref-c": {"input_cost_per_token": 1e-5, "output_cost_per_token": 1e-5},
+        "agg": {"input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6},
+    }
+    preset = Preset(references=["ref-a", "ref-b", "ref-c"], aggregator="agg")
+    client = make(sim, log, Budget(turn=Limits(calls=3)), presets={"trio": preset}, prices=prices)
+    await ask(client, "moa:trio")
+    await client.close()
+    assert sim.stats.requests_by_model == {"ref-b": 1, "ref-c": 1, "agg": 1}
+    [trace] = log.of(moa_stream.TurnTrace)
+    assert trace.budget_short[0].left_out == ["ref-a"]
+
+
+async def test_aggregator_alone_runs_no_reference_when_the_preset_does_not_fit() -> None:
+    sim, log = simulator(), EventLog()
+    preset = Preset(references=["ref-a", "ref-b", "ref-c"], aggregator="agg", on_budget_short="aggregator_alone")
+    client = make(sim, log, Budget(turn=Limits(calls=3)), presets={"trio": preset})
+    await ask(client, "moa:trio")
+    await client.close()
+    assert sim.stats.requests_by_model == {"agg": 1}
+    [trace] = log.of(moa_stream.TurnTrace)
+    assert trace.budget_short[0].left_out == ["ref-a", "ref-b", "ref-c"]
+    assert trace.budget_short[0].policy == "aggregator_alone"
+
+
+async def test_refuse_sends_nothing_when_the_preset_does_not_fit() -> None:
+    sim, log = simulator(), EventLog()
+    preset = Preset(references=["ref-a", "ref-b", "ref-c"], aggregator="agg", on_budget_short="refuse")
+    client = make(sim, log, Budget(session=Limits(calls=3)), presets={"trio": preset})
+    with moa_stream.session("strict"), pytest.raises(moa_stream.BudgetExceeded) as refused:
+        await ask(client, "moa:trio", stream=True)
+    await client.close()
+    assert (refused.value.scope, refused.value.limit) == ("session", "calls")
+    assert sim.stats.requests == 0  # nothing spent on references the aggregator could not use
+    assert log.of(moa_stream.CallUsage) == []
     [end] = log.of(moa_stream.TurnEnd)
-    assert (end.calls, end.status) == (2, "error")
+    assert (end.calls, end.status) == (0, "error")
+    assert "session.calls is 3 calls" in (end.error or "")
 
 
 @pytest.mark.parametrize("policy", ["aggregator_alone", "error"])
-async def test_a_session_limit_reached_after_the_first_layer_launches_nothing_more(policy: str) -> None:
+async def test_a_token_limit_that_holds_only_the_aggregator_runs_it_alone_then_refuses(policy: str) -> None:
+    # Holds weigh a call's worst case (input estimate plus max_tokens, else 4096 output tokens):
+    # the aggregator's hold alone reaches an output limit of 1, so no reference fits beside it.
     sim, log = simulator(), EventLog()
     preset = Preset(layers=[["ref-a", "ref-b"], ["ref-c"]], aggregator="agg", on_all_failed=policy)  # type: ignore[arg-type]
     client = make(sim, log, Budget(session=Limits(output_tokens=1)), presets={"deep": preset})
-    with moa_stream.session("deep"), pytest.raises(moa_stream.BudgetExceeded) as refused:
+    with moa_stream.session("deep"):
         await ask(client, "moa:deep")
+        with pytest.raises(moa_stream.BudgetExceeded) as refused:
+            await ask(client, "moa:deep")
     await client.close()
+    assert sim.stats.requests_by_model == {"agg": 1}  # overshoot: at most the one call a hold let through
     assert refused.value.limit == "output_tokens"
-    assert sim.stats.requests_by_model == {"ref-a": 1, "ref-b": 1}  # layer 2 and the aggregator: refused
-    assert refused.value.spent == sum(c.output_tokens or 0 for c in log.of(moa_stream.CallUsage))
+    assert refused.value.spent == sum(c.output_tokens or 0 for c in log.of(moa_stream.CallUsage)) > 1
 
 
 async def test_soft_limits_warn_once_per_crossing_per_session_and_per_turn() -> None:
@@ -148,7 +197,7 @@ async def test_no_budget_changes_nothing() -> None:
 async def test_a_budget_from_moa_toml(tmp_path: Path) -> None:
     config = tmp_path / "moa.toml"
     config.write_text(
-        "[presets.duo]\nreferences = ['ref-a', 'ref-b']\naggregator = 'agg'\n\n"
+        "[presets.duo]\nreferences = ['ref-a', 'ref-b']\naggregator = 'agg'\non_budget_short = 'refuse'\n\n"
         "[budget.turn]\ncalls = 2\n\n[budget.session_soft]\ncost_usd = 0.5\n"
     )
     assert moa_stream.load_budget(config) == Budget(turn=Limits(calls=2), session_soft=Limits(cost_usd=0.5))
@@ -157,7 +206,7 @@ async def test_a_budget_from_moa_toml(tmp_path: Path) -> None:
     with pytest.raises(moa_stream.BudgetExceeded, match=r"turn limit turn\.calls is 2 calls"):
         await ask(client, "moa:duo")
     await client.close()
-    assert sim.stats.requests == 2
+    assert sim.stats.requests == 0  # refused before the fan-out: nothing spent on references
 
 
 BAD_TOML = [
@@ -210,11 +259,22 @@ def test_a_budget_given_twice_is_refused(tmp_path: Path) -> None:
 
 
 async def test_calls_in_flight_count_against_a_session_call_limit() -> None:
-    # The three references start at once: the limit must count the two already in flight.
+    # Eight calls start at once: each admission must count the ones already in flight.
     sim, log = simulator(), EventLog()
-    preset = Preset(references=["ref-a", "ref-b", "ref-c"], aggregator="agg")
-    client = make(sim, log, Budget(session=Limits(calls=2)), presets={"trio": preset})
-    with moa_stream.session("burst"), pytest.raises(moa_stream.BudgetExceeded, match="2 calls were started"):
-        await ask(client, "moa:trio", stream=True)
+    client = make(sim, log, Budget(session=Limits(calls=2)))
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await ask(client, stream=True)
+            outcomes.append("sent")
+        except moa_stream.BudgetExceeded as refused:
+            outcomes.append("refused" if "2 calls were started" in str(refused) else str(refused))
+
+    with moa_stream.session("burst"):
+        async with anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(one)
     await client.close()
+    assert sorted(outcomes) == ["refused"] * 6 + ["sent"] * 2
     assert sim.stats.requests == 2

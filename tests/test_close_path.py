@@ -216,8 +216,8 @@ async def test_a_call_ended_again_from_inside_its_own_end_is_ended_once(
     calls: list[_meter.Call] = []
     new_call = _meter.Turn.new_call
 
-    def recording_new_call(self: _meter.Turn, **options: object) -> _meter.Call:
-        call = new_call(self, **options)  # type: ignore[arg-type]
+    async def recording_new_call(self: _meter.Turn, **options: object) -> _meter.Call:
+        call = await new_call(self, **options)  # type: ignore[arg-type]
         calls.append(call)
         return call
 

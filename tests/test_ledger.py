@@ -293,7 +293,7 @@ def test_sidecar_writes_are_off_the_callers_thread(tmp_path: Path, monkeypatch: 
 
 async def test_idle_sessions_beyond_the_cap_are_let_go_and_read_back_unchanged(tmp_path: Path) -> None:
     client = moa_stream.wrap(sim_client(sim_models()), trace_dir=tmp_path)
-    store = find_engine(client).sessions
+    store = find_engine(client).store
     store.max_sessions = 3
     for number in range(10):
         with moa_stream.session(f"user-{number}"):

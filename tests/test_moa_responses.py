@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import openai
 import pytest
 from openai.types.responses import FunctionToolParam
@@ -237,7 +238,8 @@ async def test_a_function_call_loop_reuses_the_references(wrapped: Any, log: Eve
 
 
 async def test_a_budget_refuses_a_responses_turn(wrapped: Any) -> None:
-    client = wrapped(presets=PRESETS, budget=Budget(turn=Limits(calls=2)))
+    strict = {"trio": msgspec.structs.replace(PRESETS["trio"], on_budget_short="refuse")}
+    client = wrapped(presets=strict, budget=Budget(turn=Limits(calls=2)))
     with pytest.raises(moa_stream.BudgetExceeded):
         await client.responses.create(model="moa:trio", input=QUESTION)
 

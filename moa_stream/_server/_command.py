@@ -81,6 +81,12 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     serve.add_argument("--trace-dir", type=Path, help="write one trace line per turn under this directory")
     serve.add_argument(
+        "--store",
+        metavar="URL",
+        help="a Redis URL (redis://host:port/db): sessions, budgets and reference caches shared by every "
+        "replica with the same store (default: the [store] table of --config, else in this process)",
+    )
+    serve.add_argument(
         "--max-body-bytes",
         type=_positive_int,
         default=DEFAULT_MAX_BODY_BYTES,
@@ -170,7 +176,7 @@ def _upstream(args: argparse.Namespace) -> openai.AsyncOpenAI:
 async def _serve_command(args: argparse.Namespace, token: str | None, keys: KeyRing | None) -> None:
     from .._wrap import wrap
 
-    client = wrap(_upstream(args), config=args.config, trace_dir=args.trace_dir)
+    client = wrap(_upstream(args), config=args.config, trace_dir=args.trace_dir, store=args.store)
     try:
         app = create_app(
             client,
