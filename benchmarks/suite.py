@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import calls, chunks, concurrency, fanout, responses, sinks
+from . import calls, chunks, concurrency, fanout, responses, sinks, store
 from ._common import (
     RESULTS_DIR,
     Config,
@@ -34,6 +34,7 @@ SECTIONS: dict[str, Section] = {
         fanout.SECTION,
         responses.SECTION,
         calls.SECTION,
+        store.SECTION,
     )
 }
 NO_MATPLOTLIB = "matplotlib is not installed, so no PNG plots (install the package's `bench` extra)"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import calls, chunks, concurrency, fanout, responses, sinks, suite
+from benchmarks import calls, chunks, concurrency, fanout, responses, sinks, store, suite
 from benchmarks._common import (
     Config,
     EventKey,
@@ -138,6 +138,43 @@ def test_calls_section_measures_every_variant_of_both_workloads_at_every_level(
     assert len(verdicts) == len(calls.TARGETS) + 2 * 2  # CPU per call, then calls/s per level
     assert all(note.endswith("x)") and (": met (" in note or ": MISSED (" in note) for note in verdicts)
     assert any(note.startswith("MoA turn") for note in result.notes)
+
+
+def test_store_section_compares_memory_and_redis_in_every_workload(results: dict[str, SectionResult]) -> None:
+    result = results[store.NAME]
+    _well_formed(result)
+    assert len(result.rows) == len(store.WORKLOADS) * len(store.STORES)
+    assert result.results["redis_server"]["version"]
+    for workload in store.WORKLOADS:
+        entry = result.results[workload]
+        assert list(entry["stores"]) == list(store.STORES)
+        for name, row in entry["stores"].items():
+            assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+            cpu = row["cpu_us_per_call"]
+            assert 0 < cpu["min"] <= cpu["median"] <= cpu["max"]
+            # Tiny sizes: 2 * call_rounds rounds of 2 * calls_per_sample calls, or of moa_turns turns.
+            assert (row["rounds"], row["calls_per_sample"]) == (4, 1 if workload == "moa" else 6)
+            assert row["calls"] == row["rounds"] * row["calls_per_sample"]
+            redis = name.startswith("redis")
+            assert (row["server_cpu_us_per_call"] is not None) is redis
+            assert (row["server_scripts_per_call"] is not None) is redis
+        # Each call reserves its hold, settles it and records its turn: three scripts at least.
+        assert entry["stores"]["redis + budget"]["server_scripts_per_call"] >= 3
+        assert set(entry["comparisons"]) == set(store.COMPARISONS)
+        for compared in entry["comparisons"].values():
+            assert {"added_p50_ms", "added_p99_ms", "added_p50_ms_paired", "p50_ratio", "p99_ratio"} <= set(compared)
+            assert min(compared["p50_ratio"], compared["p99_ratio"], compared["cpu_ratio"]) > 0
+    assert sum(note.startswith("Redis over memory, ") for note in result.notes) == len(store.WORKLOADS)
+
+
+def test_store_section_says_it_skipped_without_a_redis_server(
+    base_url: str, work_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "find_redis_server", lambda: None)
+    result = asyncio.run(store.run(base_url, TINY, work_dir / "no-redis"))
+    assert result.results == {"skipped": store.SKIPPED}
+    assert result.rows == []
+    assert result.notes[0].startswith(store.SKIPPED)
 
 
 def test_concurrency_section_reports_every_level_with_exact_events(results: dict[str, SectionResult]) -> None:

@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout", "responses", "calls")
+BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout", "responses", "calls", "store")
 """The sections of `moa_stream.benchmarks.suite`, named here so that `--help` does not import the suite."""
 
 
