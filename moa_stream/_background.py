@@ -5,11 +5,18 @@ response's id. Whichever later request of the same client shows the response fin
 `responses.retrieve`, a resumed stream, a `responses.cancel`) ends the call with the response's
 usage and status, once. The registry is bounded: past `DEFAULT_PENDING` held calls, the oldest
 ends as `closed_early` with its usage missing, and so do the ones still held when the client closes.
+
+With a shared store, a look that lands on another process (another replica behind a load
+balancer) is not lost: the process holding the call registered its id in the store, the other
+one hands the finished response's body over through the store, and the holder ends the call with
+it, so the call is still metered once, by the process that made it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -30,6 +37,9 @@ class BackgroundResponses:
     def __init__(self, limit: int = DEFAULT_PENDING) -> None:
         self._limit = limit
         self._held: OrderedDict[str, Call] = OrderedDict()
+        self._lock = threading.Lock()  # a finish can come from the store's thread
+        self.forget: Callable[[str], None] = lambda response_id: None
+        """Told each response id whose call is no longer held (the store stops watching it)."""
 
     def __len__(self) -> int:
         return len(self._held)
@@ -39,9 +49,13 @@ class BackgroundResponses:
         if response_id is None:  # nothing could ever name it again
             release(call, "error", "a background response came back without an id")
             return
-        self._held[response_id] = call
-        while len(self._held) > self._limit:
-            _, oldest = self._held.popitem(last=False)
+        with self._lock:
+            self._held[response_id] = call
+            evicted = []
+            while len(self._held) > self._limit:
+                evicted.append(self._held.popitem(last=False))
+        for old_id, oldest in evicted:
+            self.forget(old_id)
             release(oldest, "closed_early", f"more than {self._limit} background responses were pending")
 
     def get(self, response_id: str) -> Call | None:
@@ -49,9 +63,35 @@ class BackgroundResponses:
 
     def finish(self, call: Call, status: CallStatus, error: str | None = None) -> None:
         """End a held call (its final status was seen)."""
-        if call.buffer.response_id is not None:
-            self._held.pop(call.buffer.response_id, None)
+        response_id = call.buffer.response_id
+        if response_id is not None:
+            with self._lock:
+                self._held.pop(response_id, None)
+            self.forget(response_id)
         release(call, status, error)
+
+    def finish_with(self, response_id: str, body: bytes) -> None:
+        """End the held call of `response_id` with a finished response's body (seen by another
+        process); nothing if it is not held any more."""
+        call = self.get(response_id)
+        if call is not None and call.held:
+            finish_from_body(self, call, body)
+
+
+def finish_from_body(registry: BackgroundResponses, call: Call, body: bytes) -> None:
+    """End a held call with a response body, if it shows the response finished."""
+    try:
+        response: Response = response_decoder.decode(body)
+    except Exception:
+        return  # not a response: the caller's SDK says so; the call stays held
+    if not call.held or not finished(response):
+        return
+    call.buffer.clear_output()  # the whole answer is in this body
+    add_response_body(call.buffer, body)
+    status: CallStatus = (
+        "error" if call.buffer.error else "cancelled" if response.status == "cancelled" else "completed"
+    )
+    registry.finish(call, status)
 
 
 def release(call: Call, status: CallStatus, error: str | None = None) -> None:
@@ -73,6 +113,8 @@ async def observe_background(engine: Any, http: ModuleType, inner: Any, request:
     response_id = response_id_of(request.url.path)
     registry: BackgroundResponses = engine.background
     call = registry.get(response_id) if response_id is not None else None
+    if call is None and response_id is not None and await engine.store.held_elsewhere(response_id):
+        return await _hand_over(engine, http, response_id, await inner.handle_async_request(request))
     response = await inner.handle_async_request(request)
     if call is None or response.status_code >= 400:
         return response
@@ -82,6 +124,29 @@ async def observe_background(engine: Any, http: ModuleType, inner: Any, request:
         response.stream, call, reader, sse=sse, content_encoding=response.headers.get("content-encoding")
     )
     return http.Response(response.status_code, headers=response.headers, stream=tee, extensions=response.extensions)
+
+
+async def _hand_over(engine: Any, http: ModuleType, response_id: str, response: Any) -> Any:
+    """A look at a response another process holds: pass it on, and if it shows the response
+    finished, hand its body to that process through the store (a stream is passed on as it is)."""
+    encoding = response.headers.get("content-encoding")
+    if response.status_code >= 400 or response.headers.get("content-type", "").startswith("text/event-stream"):
+        return response
+    try:
+        raw = b"".join([chunk async for chunk in response.stream])
+    finally:
+        await response.aclose()
+    body = raw
+    if encoding and encoding != "identity":
+        # A throwaway response decodes gzip/deflate/brotli exactly as the caller's client will.
+        body = bytes(http.Response(200, headers=[("content-encoding", encoding)], content=raw).read())
+    try:
+        done = finished(response_decoder.decode(body))
+    except Exception:
+        done = False
+    if done:
+        await engine.store.report_background(response_id, body)
+    return http.Response(response.status_code, headers=response.headers, content=raw, extensions=response.extensions)
 
 
 class _Observer(ResponsesReader):
@@ -100,19 +165,7 @@ class _Observer(ResponsesReader):
         return out
 
     def body(self, body: bytes, http_status: int) -> None:
-        call = self._call
-        try:
-            response: Response = response_decoder.decode(body)
-        except Exception:
-            return  # not a response: the caller's SDK says so; the call stays held
-        if not call.held or not finished(response):
-            return
-        call.buffer.clear_output()  # the whole answer is in this body
-        add_response_body(call.buffer, body)
-        status: CallStatus = (
-            "error" if call.buffer.error else "cancelled" if response.status == "cancelled" else "completed"
-        )
-        self._registry.finish(call, status)
+        finish_from_body(self._registry, self._call, body)
 
     def end_status(self) -> tuple[CallStatus, str | None] | None:
         return None  # a look ends nothing by itself

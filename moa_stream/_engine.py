@@ -97,6 +97,7 @@ class Engine:
         self.store_unavailable = store_unavailable
         """`closed` or `open` (see `StoreConfig.unavailable`); None: closed when hard limits exist."""
         store.share_quirks(self.quirks)
+        self.background.forget = store.forget_background
         self.caches = {
             name: store.reference_cache(name, entries=preset.cache_entries, ttl_s=preset.cache_ttl_s)
             for name, preset in self.presets.items()
@@ -208,6 +209,9 @@ class Engine:
 
     def hold_background(self, call: Call) -> None:
         self.background.hold(call)
+        response_id = call.buffer.response_id
+        if call.held and response_id is not None:
+            self.store.watch_background(response_id, functools.partial(self.background.finish_with, response_id))
 
     def end_abandoned(self, call: Call) -> None:
         """End `call` as `closed_early` on the sink thread, for a finalizer: the collector can run

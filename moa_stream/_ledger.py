@@ -226,6 +226,18 @@ class MemoryStore:
     def share_quirks(self, quirks: UpstreamQuirks) -> None:
         pass  # one process: its quirks are all there is
 
+    def watch_background(self, response_id: str, finish: Callable[[bytes], None]) -> None:
+        pass  # one process: every look at a response comes through it
+
+    def forget_background(self, response_id: str) -> None:
+        pass
+
+    async def held_elsewhere(self, response_id: str) -> bool:
+        return False
+
+    async def report_background(self, response_id: str, body: bytes) -> None:
+        pass
+
     async def flush(self, timeout: float) -> bool:
         return True  # settled as calls end
 

@@ -2,7 +2,8 @@
 
 Keys: `<prefix>:format` (the layout's number); per session `<prefix>:s:<id>:` + `ledger`, `holds`,
 `leases`, `settled`, `budget`, `state`; per API key `<prefix>:k:<id>:` + `ledger`, `holds`,
-`leases`; `<prefix>:c:<preset>:<sha256>` for the reference cache; `<prefix>:quirks`. Values are
+`leases`; `<prefix>:c:<preset>:<sha256>` for the reference cache; `<prefix>:quirks`; `<prefix>:bg:<response id>`
+(and `:done`) for background responses held by a process. Values are
 JSON with a `v` field; ledgers are hashes of totals (see `_redis_lua`). No key holds credentials.
 """
 
@@ -44,6 +45,9 @@ class Keys:
 
     def cache(self, preset: str, key: str) -> str:
         return f"{self.p}:c:{preset}:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+    def background(self, response_id: str, *, done: bool = False) -> str:
+        return f"{self.p}:bg:{response_id}{':done' if done else ''}"
 
     def quirks(self) -> str:
         return f"{self.p}:quirks"

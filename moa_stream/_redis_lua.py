@@ -211,3 +211,22 @@ redis.call('HSET', KEYS[1], 'value', ARGV[1], 'uses', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+BACKGROUND_HOLD = r"""
+-- KEYS: the response's registry entry. ARGV: ttl_ms. This process holds the response's call.
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return 1
+"""
+
+BACKGROUND_FORGET = r"""
+-- KEYS: the registry entry, its handed-over body.
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+BACKGROUND_REPORT = r"""
+-- KEYS: the registry entry, its handed-over body. ARGV: the finished response's body, ttl_ms.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""

@@ -1,10 +1,9 @@
 """The Redis store: sessions shared by every process that names the same Redis and prefix.
 
 Reservations are awaited (a call waits for its hold); settlements, releases and turn counts go
-through an outbox drained on the store's own thread, in order, in pipelined batches, retried
-until the store takes them: each is idempotent (by call id, by turn id), so a retry after a lost
-answer changes nothing, and an outage delays the ledger without losing any of it. Holds of calls
-still running are renewed well within their lease. Keys: `_redis_keys`; scripts: `_redis_lua`.
+through the outbox (`_redis_outbox`), in order, retried until the store takes them. Holds of calls
+still running are renewed well within their lease; background responses held here are handed
+their final body when another process sees it (see `_background`). Keys: `_redis_keys`; scripts: `_redis_lua`.
 """
 
 from __future__ import annotations
@@ -27,7 +26,19 @@ from ._loop_thread import LoopThread
 from ._quirks import UpstreamQuirks
 from ._redis_cache import SharedReferences
 from ._redis_keys import FORMAT, Keys, decode_budget, decode_value, ledger_of, limit_name, totals_of
-from ._redis_lua import CACHE_GET, CACHE_PUT, RELEASE, RESERVE, SETTLE, TOTALS, TURN
+from ._redis_lua import (
+    BACKGROUND_FORGET,
+    BACKGROUND_HOLD,
+    BACKGROUND_REPORT,
+    CACHE_GET,
+    CACHE_PUT,
+    RELEASE,
+    RESERVE,
+    SETTLE,
+    TOTALS,
+    TURN,
+)
+from ._redis_outbox import Outbox
 from ._sidecar import SessionLedger
 from ._store import Settled, Store, StoreConfig, json_changes
 from ._totals import Totals
@@ -35,7 +46,8 @@ from ._totals import Totals
 logger = logging.getLogger("moa_stream")
 
 _QUIRKS_REFRESH_S = 30.0
-_MAX_BATCH = 256
+_WATCH_PERIOD_S = 0.25
+"""How often a process holding background responses looks for ones other processes saw finished."""
 _MAX_BUDGETS = 10_000
 T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
@@ -60,10 +72,6 @@ def redacted_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port is not None else host
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-_Item = tuple[Any, list[str], list[Any], Callable[[Any], None] | None]
-"""A script, its keys and arguments, and what to do with its result."""
 
 
 class RedisStore:
@@ -92,6 +100,9 @@ class RedisStore:
                 ("turn", TURN),
                 ("cache_get", CACHE_GET),
                 ("cache_put", CACHE_PUT),
+                ("bg_hold", BACKGROUND_HOLD),
+                ("bg_forget", BACKGROUND_FORGET),
+                ("bg_report", BACKGROUND_REPORT),
             )
         }
         self._checked = False
@@ -100,13 +111,20 @@ class RedisStore:
         self._warned: set[tuple[str, str]] = set()
         self._open_holds: dict[str, list[str]] = {}
         """Call id to the lease keys of its holds, while its call runs: renewed until settled."""
-        self._outbox: collections.deque[_Item] = collections.deque()
-        self._wake = asyncio.Event()
+        self._watched: dict[str, Callable[[bytes], None]] = {}
+        """Background responses whose calls this process holds: told the body another process saw."""
         self._quirks: UpstreamQuirks | None = None
         self._quirks_read = 0.0
-        self._closing = False
-        self._sending = False
-        self._worker = self._thread.submit(self._drain_forever())
+        self._outbox = Outbox(
+            self._redis,
+            loop=self._thread.loop,
+            where=self.where,
+            timeout_s=config.timeout_s,
+            before_send=self._check_format,
+            tick=self._tick,
+            period=lambda: _WATCH_PERIOD_S if self._watched else config.lease_s / 3,
+        )
+        self._worker = self._thread.submit(self._outbox.run())
 
     # -- reaching Redis --------------------------------------------------------------------------
 
@@ -307,65 +325,14 @@ class RedisStore:
         self._post(self._scripts["turn"], keys, [self._idle_ms, end.turn_id], None)
 
     def _post(self, script: Any, keys: list[str], args: list[Any], done: Callable[[Any], None] | None) -> None:
-        """Queue one idempotent script run for the outbox (from any thread)."""
-        item: _Item = (script, keys, args, done)
-        try:
-            self._thread.loop.call_soon_threadsafe(self._enqueue, item)
-        except RuntimeError:  # the store is closed: nothing can take it any more
-            logger.error("moa_stream: the store at %s is closed; a settlement was not recorded", self.where)
+        self._outbox.post((script, keys, args, done))
 
-    def _enqueue(self, item: _Item) -> None:
-        self._outbox.append(item)
-        self._wake.set()
-
-    async def _drain_forever(self) -> None:
-        """Send the outbox in batches, in order; on failure wait and send the same batch again."""
-        delay = 0.05
-        while True:
-            if not self._outbox:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._renew_while_idle()
-                continue
-            batch = [self._outbox[i] for i in range(min(len(self._outbox), _MAX_BATCH))]
-            self._sending = True
-            try:
-                await self._check_format()
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _ in batch:
-                        await script(keys=keys, args=args, client=pipe)
-                    results = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.config.timeout_s)
-            except Exception as exc:
-                if delay == 0.05:
-                    logger.warning("moa_stream: the store at %s is unavailable (%s); retrying", self.where, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.05
-            for _ in batch:
-                self._outbox.popleft()
-            self._sending = False
-            for (_, keys, _, done), result in zip(batch, results, strict=True):
-                if isinstance(result, Exception):  # refused by Redis itself: retrying cannot help
-                    logger.error("moa_stream: the store at %s refused an update of %s: %s", self.where, keys[0], result)
-                    result = None
-                if done is not None:
-                    try:
-                        done(result)
-                    except Exception:  # a warning's delivery must not stop the ledger
-                        logger.exception("moa_stream: a settlement's follow-up failed")
-
-    async def _renew_while_idle(self) -> None:
-        """Wait for work; meanwhile, renew the leases of this process's open holds in time."""
-        period = self.config.lease_s / 3
-        try:
-            await asyncio.wait_for(self._wake.wait(), period)
-            return
-        except TimeoutError:
-            pass
+    async def _tick(self) -> None:
+        """Renew the leases of this process's open holds; take background responses that other
+        processes saw finished."""
         holds = list(self._open_holds.items())
-        if not holds:
+        watched = list(self._watched)
+        if not holds and not watched:
             return
         expiry = int(time.time() * 1000) + self._lease_ms
         try:
@@ -373,9 +340,42 @@ class RedisStore:
                 for call_id, leases in holds:
                     for lease in leases:
                         pipe.zadd(lease, {call_id: expiry}, xx=True)
-                await asyncio.wait_for(pipe.execute(), self.config.timeout_s)
-        except Exception as exc:
+                if watched:
+                    pipe.mget([self.keys.background(rid, done=True) for rid in watched])
+                results = await asyncio.wait_for(pipe.execute(), self.config.timeout_s)
+        except Exception as exc:  # renewed at the next tick, or they expire
             logger.warning("moa_stream: could not renew holds in the store at %s (%s)", self.where, exc)
+            return
+        for response_id, body in zip(watched, results[-1] if watched else [], strict=True):
+            finish = self._watched.get(response_id)
+            if body is not None and finish is not None:
+                finish(bytes(body))
+
+    # -- background responses ----------------------------------------------------------------------
+
+    def watch_background(self, response_id: str, finish: Callable[[bytes], None]) -> None:
+        self._watched[response_id] = finish
+        self._post(self._scripts["bg_hold"], [self.keys.background(response_id)], [self._idle_ms], None)
+
+    def forget_background(self, response_id: str) -> None:
+        if self._watched.pop(response_id, None) is not None:
+            keys = [self.keys.background(response_id), self.keys.background(response_id, done=True)]
+            self._post(self._scripts["bg_forget"], keys, [], None)
+
+    async def held_elsewhere(self, response_id: str) -> bool:
+        key = self.keys.background(response_id)
+        try:
+            return bool(await self._call(lambda: self._redis.exists(key)))
+        except StoreUnavailable:
+            return False
+
+    async def report_background(self, response_id: str, body: bytes) -> None:
+        keys = [self.keys.background(response_id), self.keys.background(response_id, done=True)]
+        script = self._scripts["bg_report"]
+        try:
+            await self._call(lambda: script(keys=keys, args=[body, self._idle_ms]))
+        except StoreUnavailable as exc:  # the holder ends it at close, as closed_early
+            logger.warning("moa_stream: a finished background response could not be handed over (%s)", exc)
 
     # -- shared caches -----------------------------------------------------------------------------
 
@@ -407,24 +407,15 @@ class RedisStore:
             return None
 
     async def flush(self, timeout: float) -> bool:
-        async def drained() -> bool:
-            deadline = time.monotonic() + timeout
-            while self._outbox or self._sending:
-                if time.monotonic() > deadline:
-                    return False
-                await asyncio.sleep(0.002)
-            return True
-
-        if self._closing:
+        if self._outbox.closing:
             return not self._outbox
-        return await self._thread.run(drained())
+        return await self._thread.run(self._outbox.drained(timeout))
 
     async def aclose(self) -> None:
         """Send what the outbox holds (bounded by the store's timeout, a few times over), then close."""
-        if self._closing:
+        if self._outbox.closing:
             return
-        self._closing = True
-        self._thread.loop.call_soon_threadsafe(self._wake.set)
+        self._outbox.close()
         try:
             await asyncio.wait_for(asyncio.wrap_future(self._worker), self._slow() * 3)
         except TimeoutError:

@@ -145,6 +145,18 @@ class Store(Protocol):
     def share_quirks(self, quirks: UpstreamQuirks) -> None:
         """Keep `quirks` in step with what other processes learned."""
 
+    def watch_background(self, response_id: str, finish: Callable[[bytes], None]) -> None:
+        """This process holds the call of background response `response_id`: `finish(body)` when
+        another process saw the response finished."""
+
+    def forget_background(self, response_id: str) -> None: ...
+
+    async def held_elsewhere(self, response_id: str) -> bool:
+        """Whether another process holds the call of `response_id`."""
+
+    async def report_background(self, response_id: str, body: bytes) -> None:
+        """Hand a finished response's body to the process that holds its call."""
+
     async def aclose(self) -> None: ...
 
 

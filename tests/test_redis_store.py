@@ -208,3 +208,28 @@ def test_a_bad_store_config_names_the_field() -> None:
         moa_stream.wrap(sim_client(simulator()), store="http://localhost:6379")
     with pytest.raises(ConfigError, match=r"field 'lease_s': expected a number of seconds above 0, got 0"):
         moa_stream.wrap(sim_client(simulator()), store=StoreConfig(url="redis://x", lease_s=0))
+
+
+async def test_a_background_response_finished_through_another_client_is_metered_once_by_its_maker(
+    redis_url: str,
+) -> None:
+    # Behind a load balancer the create and the retrieves land on different replicas.
+    sim = Simulator([SimModel(name="slow", ttft_s=0.2, tokens_per_s=200.0)])
+    maker_log, other_log = EventLog(), EventLog()
+    maker, other = make(sim, redis_url, maker_log), make(sim, redis_url, other_log)
+    created = await maker.responses.create(model="slow", input="Tell me about streams", background=True)
+    seen = created
+    with anyio.fail_after(10):
+        while seen.status in ("queued", "in_progress"):
+            await anyio.sleep(0.05)
+            seen = await other.responses.retrieve(created.id)
+    assert seen.usage is not None
+    await maker_log.wait_for(lambda log: bool(log.of(moa_stream.TurnEnd)))
+    await maker.close()
+    await other.close()
+    [call] = maker_log.of(moa_stream.CallUsage)
+    assert (call.status, call.usage_source, call.output_tokens) == ("completed", "reported", seen.usage.output_tokens)
+    assert other_log.of(moa_stream.CallUsage) == []  # the look only handed the body over
+    [trace] = maker_log.of(moa_stream.TurnTrace)
+    assert trace.calls[0].output.text == seen.output_text
+    assert moa_stream.session_ledger(other, call.session_id).totals.calls == 1
