@@ -30,7 +30,15 @@ from ._events import CallUsage, TurnEnd
 from ._holds import NO_AMOUNTS, Amounts, Hold, ScopeLimits, admit_group, refusal
 from ._quirks import UpstreamQuirks
 from ._session import current_session, sanitize_session_id
-from ._sidecar import SIDECAR_SUFFIX, SessionLedger, SidecarProblem, Snapshot, read_sidecar
+from ._sidecar import (
+    SIDECAR_SUFFIX,
+    SessionLedger,
+    SidecarProblem,
+    SidecarWrite,
+    Snapshot,
+    ledger_plus,
+    read_sidecar,
+)
 from ._store import Settled, json_changes
 from ._totals import Totals
 
@@ -79,7 +87,7 @@ class _Key:
 
 
 class _Session:
-    __slots__ = ("budget", "holds", "ledger", "persist", "state", "version", "warned", "written")
+    __slots__ = ("budget", "changed", "holds", "ledger", "persist", "state", "synced", "version", "warned", "written")
 
     def __init__(self, ledger: SessionLedger, state: dict[str, Any], version: int, *, persist: bool) -> None:
         self.ledger = ledger
@@ -87,6 +95,10 @@ class _Session:
         self.version = version
         self.written = version
         """The version the sidecar holds."""
+        self.synced = ledger
+        """The file's ledger as this process last read or wrote it (other processes add to it)."""
+        self.changed: dict[str, int] = {}
+        """State keys set or removed here since then, with the version of their change."""
         self.persist = persist
         self.holds = _Holds()
         """The holds of calls admitted and not ended yet."""
@@ -269,6 +281,8 @@ class MemoryStore:
             self._check_state(session_id, found)
             found.state = {k: v for k, v in {**found.state, **changes}.items() if k not in removed}
             found.version += 1
+            for key in (*changes, *removed):
+                found.changed[key] = found.version
         if self._on_change is not None:
             self._on_change(session_id)
 
@@ -343,20 +357,35 @@ class MemoryStore:
         """`notify(session_id)` is called when a session's state changes without an event."""
         self._on_change = notify
 
-    def pending(self, session_id: str) -> tuple[Path, Snapshot] | None:
-        """Where the session's sidecar goes and its latest snapshot; None if the file is up to date."""
+    def pending(self, session_id: str) -> SidecarWrite | None:
+        """What to merge into the session's sidecar; None if the file is up to date."""
         with self._lock:
             found = self._sessions.get(session_id)
             path = self.path_for(session_id)
             if found is None or path is None or not found.persist or found.written >= found.version:
                 return None
-            return path, Snapshot(found.ledger, found.state, found.version)
+            snapshot = Snapshot(found.ledger, found.state, found.version)
+            return SidecarWrite(path, snapshot, found.synced, frozenset(found.changed))
 
-    def written(self, session_id: str, version: int) -> None:
+    def written(self, session_id: str, write: SidecarWrite, merged: Snapshot) -> None:
+        """The file now holds `merged`: take in what other processes added, keep what changed here
+        since `write` was taken."""
         with self._lock:
             found = self._sessions.get(session_id)
-            if found is not None:
-                found.written = max(found.written, version)
+            if found is None:
+                return
+            since = write.snapshot.version
+            found.ledger = ledger_plus(merged.ledger, ledger_plus(found.ledger, write.snapshot.ledger, -1))
+            found.synced = merged.ledger
+            later = {key: version for key, version in found.changed.items() if version > since}
+            state = dict(merged.state)
+            for key in later:
+                if key in found.state:
+                    state[key] = found.state[key]
+                else:
+                    state.pop(key, None)
+            found.state, found.changed = state, later
+            found.written = max(found.written, since)
 
 
 def session_id_or_current(session_id: str | None) -> str:

@@ -1,20 +1,26 @@
 """Session sidecar files: `<trace_dir>/<session_id>.state.json`, a session's ledger and state.
 
-The format is versioned: every snapshot carries a version, so an older one never replaces a newer
-one. A file is only ever replaced whole: the snapshot goes to a unique temporary file, is flushed and
+A file is only ever replaced whole: the snapshot goes to a unique temporary file, is flushed and
 fsynced, then renamed over the old one, and the directory is fsynced, so a crash leaves the old file
 or the new one, never a mix. The writer is one sink of the dispatcher, so writes never overlap and
 never happen on the caller's thread.
+
+Several processes may share a trace directory and a session. Each write merges, under an exclusive
+lock of the session's lock file: the file's ledger plus what this process added since it last
+read or wrote it, the file's state with the keys this process changed. So the file always adds up
+every process's calls, and each write brings the other processes' totals into this one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -63,6 +69,76 @@ class Snapshot(NamedTuple):
 
 class SidecarProblem(Exception):
     """A sidecar file that cannot be used (unreadable, corrupt, another session's)."""
+
+
+class SidecarWrite(NamedTuple):
+    """What a process has to merge into a session's file."""
+
+    path: Path
+    snapshot: Snapshot
+    """The session as this process sees it now."""
+    synced: SessionLedger
+    """The file's ledger as this process last read or wrote it."""
+    changed: frozenset[str]
+    """State keys this process set or removed since then."""
+
+
+_TOTALS = Totals.__struct_fields__
+
+
+def _totals(a: Totals, b: Totals, sign: int) -> Totals:
+    return Totals(**{name: getattr(a, name) + sign * getattr(b, name) for name in _TOTALS})
+
+
+def _by(a: dict[str, Totals], b: dict[str, Totals], sign: int) -> dict[str, Totals]:
+    return {key: _totals(a.get(key, Totals()), b.get(key, Totals()), sign) for key in {**a, **b}}
+
+
+def ledger_plus(a: SessionLedger, b: SessionLedger, sign: int = 1) -> SessionLedger:
+    """`a + b` (or `a - b` with `sign=-1`), field by field: every amount of a ledger adds up."""
+    return SessionLedger(
+        session_id=a.session_id,
+        turns=a.turns + sign * b.turns,
+        totals=_totals(a.totals, b.totals, sign),
+        by_model=_by(a.by_model, b.by_model, sign),
+        by_role=_by(a.by_role, b.by_role, sign),
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process writing `path` (a lock file beside it: the file
+    itself is replaced by each write). Without lock support (some network file systems) the write
+    goes on unlocked, as a single process's would."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def merge_into_file(write: SidecarWrite) -> Snapshot:
+    """Merge `write` into its file (see the module doc) and return what the file now holds;
+    `SidecarProblem` when the file cannot be read, which is then left as it is."""
+    session_id = write.snapshot.ledger.session_id
+    with _locked(write.path):
+        disk = read_sidecar(write.path, session_id)
+        base = disk.ledger if disk is not None else SessionLedger(session_id=session_id)
+        ledger = ledger_plus(base, ledger_plus(write.snapshot.ledger, write.synced, -1))
+        state = dict(disk.state) if disk is not None else {}
+        for key in write.changed:
+            if key in write.snapshot.state:
+                state[key] = write.snapshot.state[key]
+            else:
+                state.pop(key, None)
+        merged = Snapshot(ledger, state, max(disk.version if disk is not None else 0, write.snapshot.version) + 1)
+        write_atomically(write.path, encode_sidecar(merged))
+    return merged
 
 
 def read_sidecar(path: Path, session_id: str) -> Snapshot | None:
@@ -123,9 +199,9 @@ _REMEMBERED = 4096
 
 
 class SidecarWriter:
-    """The sink that writes sidecars, with what the store gives it: `pending(session_id)` is the
-    path and the snapshot to write (None when the file is up to date), `written(session_id, version)`
-    records that it was.
+    """The sink that writes sidecars, with what the store gives it: `pending(session_id)` is what
+    to merge into the file (None when the file is up to date), `written(session_id, write, merged)`
+    hands back what the file holds after the merge.
 
     Each write is an atomic replace with two fsyncs, which costs far more than a batch of turns, so a
     session's file is written at most once per `interval_s`: a change within it is written when it
@@ -135,8 +211,8 @@ class SidecarWriter:
 
     def __init__(
         self,
-        pending: Callable[[str], tuple[Path, Snapshot] | None],
-        written: Callable[[str, int], None],
+        pending: Callable[[str], SidecarWrite | None],
+        written: Callable[[str, SidecarWrite, Snapshot], None],
         *,
         interval_s: float = SIDECAR_INTERVAL_S,
     ) -> None:
@@ -192,11 +268,14 @@ class SidecarWriter:
     def _write(self, session_id: str, now: float) -> None:
         pending = self._pending(session_id)
         if pending is not None:
-            path, snapshot = pending
             # On the dispatcher's own thread: the caller's loop never waits on it, and a thread hop
             # would cost more than the write.
-            write_atomically(path, encode_sidecar(snapshot))
-            self._written(session_id, snapshot.version)
+            try:
+                merged = merge_into_file(pending)
+            except SidecarProblem as problem:
+                logger.error("moa_stream: %s; it is left as it is (fix or move it away)", problem)
+            else:
+                self._written(session_id, pending, merged)
         self._last.pop(session_id, None)  # kept oldest first
         self._last[session_id] = now
         if len(self._last) > _REMEMBERED:  # forgetting a write only lets its session be written sooner

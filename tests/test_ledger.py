@@ -20,7 +20,7 @@ import pytest
 import moa_stream
 from moa_stream import Preset, Totals
 from moa_stream._sdk import find_engine
-from moa_stream._sidecar import SessionChanged, SessionLedger, SidecarWriter, Snapshot, write_atomically
+from moa_stream._sidecar import SessionChanged, SessionLedger, SidecarWrite, SidecarWriter, Snapshot, write_atomically
 from moa_stream.testing import SimModel, Simulator, sim_client
 
 from .conftest import EventLog, chat_once
@@ -371,14 +371,18 @@ async def test_a_change_within_the_interval_is_written_when_it_ends_without_a_fl
     written: list[tuple[str, int]] = []
     third = anyio.Event()
 
-    def record(session_id: str, version: int) -> None:
-        written.append((session_id, version))
+    synced: dict[str, SessionLedger] = {}
+
+    def record(session_id: str, write: SidecarWrite, merged: Snapshot) -> None:
+        synced[session_id] = merged.ledger  # what a store does: the next write adds to the file
+        written.append((session_id, merged.ledger.turns))
         if len(written) == 3:
             third.set()
 
-    def pending(session_id: str) -> tuple[Path, Snapshot]:
+    def pending(session_id: str) -> SidecarWrite:
         snapshot = Snapshot(SessionLedger(session_id=session_id, turns=next(versions)), {}, 0)
-        return tmp_path / f"{session_id}.state.json", snapshot
+        base = synced.get(session_id, SessionLedger(session_id=session_id))
+        return SidecarWrite(tmp_path / f"{session_id}.state.json", snapshot, base, frozenset())
 
     writer = SidecarWriter(pending, record, interval_s=0.2)
     changed = SessionChanged(session_id="s")
