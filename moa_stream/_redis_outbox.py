@@ -80,6 +80,8 @@ class Outbox:
         return True
 
     async def run(self) -> None:
+        from redis.exceptions import NoScriptError  # the `redis` extra: only a Redis store runs this
+
         delay = 0.05
         last_tick = time.monotonic()
         while True:
@@ -100,9 +102,16 @@ class Outbox:
             try:
                 await self._before_send()
                 async with self._redis.pipeline(transaction=False) as pipe:
+                    # EVALSHA itself: a script run through the pipeline makes it ask SCRIPT EXISTS
+                    # first, one more round trip per batch. A restarted Redis answers NOSCRIPT.
                     for script, keys, args, _ in batch:
-                        await script(keys=keys, args=args, client=pipe)
-                    results = await asyncio.wait_for(pipe.execute(raise_on_error=False), self._timeout_s)
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    async with asyncio.timeout(self._timeout_s):
+                        results = await pipe.execute(raise_on_error=False)
+                if any(isinstance(result, NoScriptError) for result in results):
+                    for script in {id(item[0]): item[0] for item in batch}.values():
+                        await self._redis.script_load(script.script)
+                    continue  # the same batch again: every script run in it is idempotent
             except Exception as exc:  # an outage: keep the batch, try again
                 if delay == 0.05:
                     logger.warning("moa_stream: the store at %s is unavailable (%s); retrying", self._where, exc)

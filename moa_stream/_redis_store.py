@@ -46,6 +46,9 @@ from ._totals import Totals
 logger = logging.getLogger("moa_stream")
 
 _QUIRKS_REFRESH_S = 30.0
+_BUDGET_FRESH_S = 1.0
+"""How long a session budget read serves new turns: another process's change to a session's turn
+and soft limits takes effect here within it (its hard session limits, at once)."""
 _WATCH_PERIOD_S = 0.25
 """How often a process holding background responses looks for ones other processes saw finished."""
 _MAX_BUDGETS = 10_000
@@ -107,7 +110,8 @@ class RedisStore:
         }
         self._checked = False
         self._blocking: Any = None
-        self._budgets: collections.OrderedDict[str, Budget | None] = collections.OrderedDict()
+        self._budgets: collections.OrderedDict[str, tuple[Budget | None, float]] = collections.OrderedDict()
+        """Session budgets as read, and when: a turn's and soft limits come from here."""
         self._warned: set[tuple[str, str]] = set()
         self._open_holds: dict[str, list[str]] = {}
         """Call id to the lease keys of its holds, while its call runs: renewed until settled."""
@@ -162,7 +166,8 @@ class RedisStore:
 
         try:
             await self._check_format()
-            return await asyncio.wait_for(work(), self.config.timeout_s)
+            async with asyncio.timeout(self.config.timeout_s):  # no task of its own, unlike wait_for
+                return await work()
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError, OSError) as exc:
             raise StoreUnavailable(self.where, str(exc) or type(exc).__name__) from None
 
@@ -188,21 +193,25 @@ class RedisStore:
     # -- sessions ----------------------------------------------------------------------------------
 
     async def open_session(self, session_id: str) -> None:
+        if self._quirks is not None and time.monotonic() - self._quirks_read > _QUIRKS_REFRESH_S:
+            self._quirks_read = time.monotonic()
+            self._thread.submit(self._read_quirks())
+        known = self._budgets.get(session_id)
+        if known is not None and time.monotonic() - known[1] < _BUDGET_FRESH_S:
+            return  # the session's hard limits are read by every reservation; these serve its turn's
         key = self.keys.session(session_id, "budget")
         try:
             raw = await self._call(lambda: self._redis.get(key))
         except StoreUnavailable:
             return  # the reservation decides what an outage means for this call
-        self._budgets[session_id] = None if raw is None else decode_budget(raw, key)
+        self._budgets[session_id] = (None if raw is None else decode_budget(raw, key), time.monotonic())
         self._budgets.move_to_end(session_id)
         while len(self._budgets) > _MAX_BUDGETS:
             self._budgets.popitem(last=False)
-        if self._quirks is not None and time.monotonic() - self._quirks_read > _QUIRKS_REFRESH_S:
-            self._quirks_read = time.monotonic()
-            self._thread.submit(self._read_quirks())
 
     def session_budget(self, session_id: str) -> Budget | None:
-        return self._budgets.get(session_id)
+        known = self._budgets.get(session_id)
+        return None if known is None else known[0]
 
     def set_session_budget(self, session_id: str, budget: Budget | None) -> None:
         key = self.keys.session(session_id, "budget")
@@ -211,7 +220,7 @@ class RedisStore:
         else:
             value = _encoder.encode({"v": FORMAT, "budget": budget})
             self._wait(lambda client: client.set(key, value, px=self._idle_ms))
-        self._budgets[session_id] = budget
+        self._budgets[session_id] = (budget, time.monotonic())
 
     def ledger(self, session_id: str) -> SessionLedger:
         key = self.keys.scope("session", session_id)[0]

@@ -3,6 +3,7 @@ a crashed process's holds, outages under both policies, and a layout that says w
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -233,3 +234,10 @@ async def test_a_background_response_finished_through_another_client_is_metered_
     [trace] = maker_log.of(moa_stream.TurnTrace)
     assert trace.calls[0].output.text == seen.output_text
     assert moa_stream.session_ledger(other, call.session_id).totals.calls == 1
+
+
+def test_a_store_without_the_redis_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # what an install without the extra has
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    with pytest.raises(ConfigError, match=r"needs the redis client: pip install 'moa-stream\[redis\]'"):
+        moa_stream.wrap(sim_client(simulator()), store="redis://localhost:6379/0")
