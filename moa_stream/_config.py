@@ -62,12 +62,14 @@ def load_budget(path: str | os.PathLike[str]) -> Budget | None:
     return read_config(path).budget
 
 
-def _read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+def read_toml(path: str | os.PathLike[str], *, what: str, top_level: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """A TOML file (`what` names it in errors) whose top-level keys are among `top_level`; its
+    source as errors name it, and its document. `ConfigError` names the file and the problem."""
     source = os.fspath(path)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from exc
+        raise ConfigError(f"{source}: cannot read {what}: {exc.strerror or exc}") from exc
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -77,9 +79,13 @@ def _read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     for key in document:
-        if key not in _TOP_LEVEL:
-            raise ConfigError(f"{source}: top-level key {key!r}: {unknown_key(key, _TOP_LEVEL)}")
+        if key not in top_level:
+            raise ConfigError(f"{source}: top-level key {key!r}: {unknown_key(key, top_level)}")
     return source, document
+
+
+def _read_toml(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    return read_toml(path, what="config file", top_level=_TOP_LEVEL)
 
 
 _TOP_LEVEL = ("presets", "budget", "store")

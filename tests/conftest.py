@@ -48,6 +48,18 @@ async def first_stream(client: openai.AsyncOpenAI, log: EventLog, model: str = "
     log.events.clear()
 
 
+def tool_loop() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A user question, and the same user turn one tool call later (what a MoA cadence cache serves)."""
+    question: list[dict[str, Any]] = [{"role": "user", "content": "weather?"}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    loop = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    return question, loop
+
+
 async def chat_once(client: openai.AsyncOpenAI, model: str = "sim-small", *, stream: bool = False) -> None:
     """One chat call, streamed to its end or not."""
     if stream:

@@ -20,7 +20,7 @@ from moa_stream._redis_store import RedisStore
 from moa_stream._wrap import _engine_of
 from moa_stream.testing import SimModel, Simulator, sim_client
 
-from .conftest import EventLog
+from .conftest import EventLog, tool_loop
 from .conftest import chat_once as ask
 from .redis_server import RedisServer
 
@@ -59,13 +59,7 @@ async def test_a_session_budget_set_through_one_client_binds_another(redis_url: 
 async def test_a_tool_loop_reuses_references_cached_by_another_client(redis_url: str) -> None:
     sim, log = simulator(), EventLog()
     first, second = make(sim, redis_url, log), make(sim, redis_url, log)
-    question = [{"role": "user", "content": "weather?"}]
-    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
-    loop = [
-        *question,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-    ]
+    question, loop = tool_loop()
     with moa_stream.session("loop"):
         await first.chat.completions.create(model="moa:duo", messages=question)  # type: ignore[arg-type]
         await second.chat.completions.create(model="moa:duo", messages=loop)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from moa_stream._session import KEY_HEADER
 from moa_stream._wrap import _engine_of
 from moa_stream.testing import SimModel, Simulator, sim_client
 
-from .conftest import EventLog
+from .conftest import EventLog, tool_loop
 from .conftest import chat_once as ask
 
 MODELS = ("ref-a", "ref-b", "ref-c", "agg", "sim-small")
@@ -175,13 +175,7 @@ async def test_a_second_settlement_of_a_call_changes_nothing(store: str | None) 
 async def test_the_reference_cache_serves_a_tool_loop(store: str | None) -> None:
     log = EventLog()
     client = make(simulator(), store, log)
-    question = [{"role": "user", "content": "weather?"}]
-    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
-    loop = [
-        *question,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-    ]
+    question, loop = tool_loop()
     with moa_stream.session("loop"):
         await client.chat.completions.create(model="moa:trio", messages=question)  # type: ignore[arg-type]
         await client.chat.completions.create(model="moa:trio", messages=loop)  # type: ignore[arg-type]

@@ -21,7 +21,6 @@ import hmac
 import logging
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import anyio
 
 from .._budget import _LIMIT_NAMES, Limits, _check_limit
 from .._checks import Where, check_table_keys, plural, show, unknown_key
+from .._config import read_toml
 from .._errors import ConfigError
 
 DEFAULT_SESSION = "default"
@@ -61,20 +61,7 @@ def token_digest(token: str | bytes) -> str:
 
 def read_keys(path: str | os.PathLike[str]) -> dict[str, Key]:
     """The keys of a keys file, validated; `ConfigError` names the file, the key and the field."""
-    source = os.fspath(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read the keys file: {exc.strerror or exc}") from exc
-    try:
-        document = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    for name in document:
-        if name != "keys":
-            raise ConfigError(f"{source}: top-level key {name!r}: {unknown_key(name, ['keys'])}")
+    source, document = read_toml(path, what="the keys file", top_level=("keys",))
     tables = document.get("keys")
     if not isinstance(tables, dict):
         got = "nothing" if tables is None else show(tables)
