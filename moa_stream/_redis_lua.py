@@ -105,13 +105,17 @@ local function breach(add)
 end
 local count = tonumber(ARGV[pos])
 pos = pos + 1
-local add, admitted, first = {0, 0, 0, 0}, {}, nil
+local add, admitted, first, ids = {0, 0, 0, 0}, {}, nil, {}
 for k = 1, count do
   local id, required = ARGV[pos], ARGV[pos + 1] == '1'
   local amounts = {tonumber(ARGV[pos + 2]), tonumber(ARGV[pos + 3]), tonumber(ARGV[pos + 4]), tonumber(ARGV[pos + 5])}
   pos = pos + 6
   local b = breach(add)
-  if b then
+  if redis.call('HEXISTS', KEYS[2], id) == 1 then
+    -- Held already: this is the client's retry of a reservation whose answer was lost.
+    redis.call('ZADD', KEYS[3], now + lease, id)
+    ids[#ids + 1] = id
+  elseif b then
     if required then return {{}, b} end
     first = first or b
   else
@@ -119,7 +123,6 @@ for k = 1, count do
     for j = 1, 4 do add[j] = add[j] + amounts[j] end
   end
 end
-local ids = {}
 for _, hold in ipairs(admitted) do
   local id, a = hold[1], hold[2]
   ids[#ids + 1] = id

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -25,6 +24,7 @@ from ._holds import Hold, ScopeLimits
 from ._loop_thread import LoopThread
 from ._quirks import UpstreamQuirks
 from ._redis_cache import SharedReferences
+from ._redis_client import connect, redacted_url
 from ._redis_keys import FORMAT, Keys, decode_budget, decode_value, ledger_of, limit_name, totals_of
 from ._redis_lua import (
     BACKGROUND_FORGET,
@@ -67,33 +67,19 @@ def open_store(config: StoreConfig) -> Store:
     return RedisStore(config)
 
 
-def redacted_url(url: str) -> str:
-    """The URL without its user and password: what errors and logs may name."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 class RedisStore:
     """A `Store` on Redis (see the module doc); one per wrapped client, closed with it."""
 
     shared = True
 
     def __init__(self, config: StoreConfig) -> None:
-        import redis.asyncio
-
         self.config = config
         self.where = redacted_url(config.url)
         self.keys = Keys(config.prefix)
         self._lease_ms = int(config.lease_s * 1000)
         self._idle_ms = int(config.idle_s * 1000)
         self._thread = LoopThread("moa_stream-store")
-        self._redis = redis.asyncio.Redis.from_url(
-            config.url, socket_timeout=config.timeout_s, socket_connect_timeout=config.timeout_s
-        )
+        self._redis = connect(config)
         self._scripts = {
             name: self._redis.register_script(text)
             for name, text in (
@@ -141,11 +127,7 @@ class RedisStore:
         """A blocking client for the synchronous public functions (ledger, state, session budgets):
         they run on the caller's thread, also after the store closed, never on its event loop."""
         if self._blocking is None:
-            import redis
-
-            self._blocking = redis.Redis.from_url(
-                self.config.url, socket_timeout=self.config.timeout_s, socket_connect_timeout=self.config.timeout_s
-            )
+            self._blocking = connect(self.config, blocking=True)
         return self._blocking
 
     def _wait(self, work: Callable[[Any], T]) -> T:

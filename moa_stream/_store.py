@@ -58,13 +58,14 @@ class StoreConfig(msgspec.Struct, frozen=True, kw_only=True):
 _SCHEMES = ("redis://", "rediss://", "unix://")
 
 
-def validate_store(store: object, *, source: str = "store=") -> StoreConfig:
-    """A `StoreConfig` (or a URL for one) checked field by field; `ConfigError` names the field."""
+def validate_store(store: object, *, source: str = "store=", url_optional: bool = False) -> StoreConfig:
+    """A `StoreConfig` (or a URL for one) checked field by field; `ConfigError` names the field.
+    `url_optional`: a `[store]` table may leave its url to `store=` or `serve --store`."""
     if isinstance(store, str):
         store = StoreConfig(url=store)
     if not isinstance(store, StoreConfig):
         raise ConfigError(f"{source}: expected a Redis URL or a moa_stream.StoreConfig, got {type(store).__name__}")
-    if not isinstance(store.url, str) or not store.url.startswith(_SCHEMES):
+    if not isinstance(store.url, str) or (not store.url.startswith(_SCHEMES) and not (url_optional and not store.url)):
         raise ConfigError(f"{source}: field 'url': expected a redis://, rediss:// or unix:// URL, got {store.url!r}")
     if not isinstance(store.prefix, str) or not store.prefix or any(c.isspace() for c in store.prefix):
         raise ConfigError(f"{source}: field 'prefix': expected a non-empty string without spaces, got {store.prefix!r}")
@@ -82,12 +83,12 @@ def store_from_toml(source: str, table: object) -> StoreConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: 'store' must be a table with a url, got {table!r}")
     fields = {name: None for name in StoreConfig.__struct_fields__}
-    check_table_keys(Where(source), "store", table, fields, required=("url",))
+    check_table_keys(Where(source), "store", table, fields, required=())
     try:
-        config = StoreConfig(**table)
+        config = StoreConfig(**{"url": "", **table})
     except TypeError as exc:
         raise ConfigError(f"{source}: [store]: {exc}") from None
-    return validate_store(config, source=f"{source}: [store]")
+    return validate_store(config, source=f"{source}: [store]", url_optional=True)
 
 
 class ReferenceStore(Protocol):

@@ -7,10 +7,11 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
+import msgspec
 import openai
 
 from ._budget import Budget, validate_budget
-from ._config import read_config
+from ._config import Config, read_config
 from ._dispatch import DEFAULT_SINK_BUFFER, Sink, SinkStats
 from ._engine import Engine
 from ._errors import ConfigError
@@ -68,7 +69,8 @@ def wrap(
     kept by `moa_stream.session_ledger(client)`; with `trace_dir` they persist in
     `<trace_dir>/<session_id>.state.json` beside the trace file, with `session_state(client)`.
 
-    `store` (a Redis URL, or a `StoreConfig`; or the `[store]` table of `config`) keeps sessions'
+    `store` (a Redis URL, or a `StoreConfig`; or the `[store]` table of `config`, whose url a URL
+    given here replaces) keeps sessions'
     ledgers, state, budget holds, per-session budgets and MoA reference caches in Redis, shared by
     every process that uses the same store (needs the `redis` extra); without it they live in this
     process (and in sidecar files with `trace_dir`).
@@ -99,9 +101,7 @@ def wrap(
         budget = validate_budget(budget)
     elif file is not None:
         budget = file.budget
-    if store is not None and file is not None and file.store is not None:
-        raise ConfigError(f"store=: a store is also defined in {os.fspath(config or '')}; give one of them")
-    store_config = validate_store(store) if store is not None else file.store if file is not None else None
+    store_config = _store_config(store, file)
     table = PriceTable.builtin()
     if price_file is not None:
         table = table.merged(PriceTable.from_litellm_file(price_file))
@@ -134,6 +134,22 @@ def wrap(
     wrapped = install(client, metering)
     specialize(wrapped, fast=fast, budget=budget is not None or store_config is not None)
     return wrapped
+
+
+def _store_config(store: str | StoreConfig | None, file: Config | None) -> StoreConfig | None:
+    """The store: `store=`, or the `[store]` table of the config file, or the table with the URL
+    given as `store=` (as `serve --store` does), which keeps the table's other fields."""
+    table = file.store if file is not None else None
+    if table is None:
+        return validate_store(store) if store is not None else None
+    assert file is not None
+    if isinstance(store, StoreConfig):
+        raise ConfigError(f"store=: a store is also defined in {file.source}; give one of them")
+    if store is not None:
+        table = validate_store(msgspec.structs.replace(table, url=store))
+    if not table.url:
+        raise ConfigError(f"{file.source}: [store] has no url; give one there, or as store= (serve --store)")
+    return table
 
 
 def _engine_of(client: openai.AsyncOpenAI) -> Engine:

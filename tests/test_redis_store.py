@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -235,3 +236,20 @@ def test_a_store_without_the_redis_extra_says_how_to_install_it(monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
     with pytest.raises(ConfigError, match=r"needs the redis client: pip install 'moa-stream\[redis\]'"):
         moa_stream.wrap(sim_client(simulator()), store="redis://localhost:6379/0")
+
+
+async def test_a_store_url_given_with_a_store_table_keeps_the_tables_other_fields(tmp_path: Path) -> None:
+    config = tmp_path / "moa.toml"
+    config.write_text("[store]\nprefix = 'team-a'\nlease_s = 5\n")
+    client = moa_stream.wrap(sim_client(simulator()), config=config, store="redis://127.0.0.1:1/0")
+    store = _engine_of(client).store
+    assert isinstance(store, RedisStore)
+    assert (store.config.url, store.config.prefix, store.config.lease_s) == ("redis://127.0.0.1:1/0", "team-a", 5)
+    await client.close()
+    with pytest.raises(ConfigError, match=r"moa\.toml: \[store\] has no url; give one there, or as store="):
+        moa_stream.wrap(sim_client(simulator()), config=config)
+    with pytest.raises(ConfigError, match=r"store=: a store is also defined in .*moa\.toml"):
+        moa_stream.wrap(sim_client(simulator()), config=config, store=StoreConfig(url="redis://x"))
+    config.write_text("[store]\nurl = 'redis://x'\nlease = 5\n")
+    with pytest.raises(ConfigError, match=r"field 'store\.lease': unknown key; did you mean 'lease_s'\?"):
+        moa_stream.wrap(sim_client(simulator()), config=config)

@@ -21,7 +21,8 @@ DEFAULT_GRACEFUL_TIMEOUT = 30
 
 RETRY_AFTER_S = 1
 # Upstream response headers worth relaying; the rest describe the upstream's connection, not ours.
-_RELAYED_HEADERS = ("content-type", "x-request-id", "retry-after")
+_RELAYED_HEADERS = ("content-type", "x-request-id", "retry-after", "x-moa-error")
+"""`x-moa-error` marks a budget refusal: a caller's own wrapped client raises `BudgetExceeded` for it."""
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
