@@ -274,6 +274,8 @@ class Engine:
             await self._finish_tails()
             for call in list(self._open_calls):
                 held, call.held = call.held, False
+                if held and call.buffer.response_id is not None:
+                    self.store.forget_background(call.buffer.response_id)  # no other process hands it here
                 call.end("closed_early", "the client closed before its background response finished" if held else None)
             for turn in list(self._open_turns):
                 turn.cut_short()

@@ -253,3 +253,17 @@ async def test_a_store_url_given_with_a_store_table_keeps_the_tables_other_field
     config.write_text("[store]\nurl = 'redis://x'\nlease = 5\n")
     with pytest.raises(ConfigError, match=r"field 'store\.lease': unknown key; did you mean 'lease_s'\?"):
         moa_stream.wrap(sim_client(simulator()), config=config)
+
+
+async def test_a_background_response_left_at_close_is_taken_out_of_the_registry(redis_url: str) -> None:
+    sim = Simulator([SimModel(name="stalled", ttft_s=5.0)])
+    log = EventLog()
+    client = make(sim, redis_url, log)
+    created = await client.responses.create(model="stalled", input="hi", background=True)
+    assert await moa_stream.flush(client)
+    registry = redis.Redis.from_url(redis_url)
+    assert registry.exists(f"moa:bg:{created.id}")
+    await client.close()
+    [call] = log.of(moa_stream.CallUsage)
+    assert call.status == "closed_early"
+    assert not registry.exists(f"moa:bg:{created.id}")
