@@ -22,7 +22,7 @@ from ._background import BackgroundResponses
 from ._budget import Budget, BudgetBreach, BudgetPolicy, Limits
 from ._dispatch import DEFAULT_SINK_BUFFER, Dispatcher, Sink, SinkStats
 from ._errors import ClientClosedError, StoreUnavailable
-from ._events import CallUsage, TurnEnd, TurnTrace
+from ._events import CallUsage, TraceContext, TurnEnd, TurnTrace
 from ._holds import Hold, ScopeLimits
 from ._ledger import MemoryStore
 from ._meter import Call, Turn
@@ -34,6 +34,7 @@ from ._sidecar import SessionChanged, SidecarWriter
 from ._slots import DEFAULT_UPSTREAM_CONCURRENCY, SlotUpstreams
 from ._store import Store
 from ._totals import Totals
+from ._trace_context import trace_headers
 from ._traces import TraceWriter
 from ._transcripts import Transcripts
 
@@ -63,6 +64,7 @@ class Engine:
         upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY,
         store: Store | None = None,
         store_unavailable: str | None = None,
+        propagate_trace: bool = False,
     ) -> None:
         if drain_timeout <= 0:
             raise ValueError(f"drain_timeout must be positive, got {drain_timeout!r}")
@@ -102,8 +104,13 @@ class Engine:
             name: store.reference_cache(name, entries=preset.cache_entries, ttl_s=preset.cache_ttl_s)
             for name, preset in self.presets.items()
         }
+        self.propagate_trace = propagate_trace
+        """Send the caller's trace context upstream (`traceparent`, `tracestate`)."""
+        self.wants_trace_context = propagate_trace
+        """Read the caller's trace context as turns start: for `propagate_trace`, or a sink that
+        builds spans (one with a true `wants_trace_context`, such as `OTelSink`)."""
         for sink in sinks:
-            self.dispatcher.add_sink(sink)
+            self.add_sink(sink)
         self.key_limits: dict[str, Limits] = {}
         """Limits per API key id (`serve --keys`), over all of that key's sessions."""
         self.origin: object = None
@@ -126,6 +133,7 @@ class Engine:
 
     def add_sink(self, sink: Sink, *, name: str | None = None, buffer: int | None = None) -> None:
         self.dispatcher.add_sink(sink, name=name, buffer=buffer)
+        self.wants_trace_context = self.wants_trace_context or getattr(sink, "wants_trace_context", False) is True
 
     def sink_stats(self) -> list[SinkStats]:
         return self.dispatcher.stats()
@@ -150,8 +158,11 @@ class Engine:
         a sidecar a budget needs and cannot read)."""
         await self.store.open_session(session_id)
 
-    def new_turn(self, *, session_id: str, model: str, key_id: str | None = None) -> Turn:
-        """A new turn (`ClientClosedError` once the client is closed)."""
+    def new_turn(
+        self, *, session_id: str, model: str, key_id: str | None = None, parent: TraceContext | None = None
+    ) -> Turn:
+        """A new turn (`ClientClosedError` once the client is closed); `parent` is the caller's trace
+        context when the engine `wants_trace_context`."""
         if self._state is not _State.OPEN:
             raise ClientClosedError("moa_stream: the client is closed")
         own = self.store.session_budget(session_id)
@@ -162,7 +173,11 @@ class Engine:
             or (policy is not None and policy.weighs)
             or (key_limits is not None and any(name != "calls" for name, _ in key_limits.items()))
         )
-        turn = Turn(self, session_id=session_id, model=model, key_id=key_id, policy=policy, weighs=weighs)
+        turn = Turn(
+            self, session_id=session_id, model=model, key_id=key_id, policy=policy, weighs=weighs, parent=parent
+        )
+        if self.propagate_trace:
+            turn.upstream_headers = trace_headers(parent)
         self._open_turns.add(turn)
         return turn
 

@@ -237,6 +237,14 @@ class Aggregating(_Record, tag="aggregating", tag_field="type", kw_only=True, fr
     """`hit` when the references were reused from an earlier call of the same user turn."""
 
 
+class TraceContext(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The caller's span when the turn started (W3C Trace Context), which the turn's spans join."""
+
+    traceparent: str
+    """`00-<trace id>-<span id>-<flags>`."""
+    tracestate: str | None = None
+
+
 class BudgetShort(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A MoA layer the budget could not hold in full (see `Preset.on_budget_short`)."""
 
@@ -271,6 +279,9 @@ class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, froze
     (quorum and grace, or every reference done) to the aggregator request being sent."""
     budget_short: list[BudgetShort] = []
     """For a MoA turn: the layers whose references the budget could not all hold, and what ran."""
+    parent: TraceContext | None = None
+    """The caller's current span when the turn started, when OpenTelemetry is in use (see `OTelSink`
+    and `wrap(propagate_trace=)`): the turn's spans are its children."""
 
 
 class BudgetWarning(_Record, tag="budget_warning", tag_field="type", kw_only=True, frozen=True):

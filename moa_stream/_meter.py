@@ -17,14 +17,7 @@ import msgspec
 from ._budget import BudgetBreach, BudgetPolicy
 from ._buffer import CallBuffer
 from ._errors import ClientClosedError, Refusal
-from ._events import (
-    CallRecord,
-    CallStatus,
-    CallUsage,
-    Role,
-    TurnEnd,
-    TurnTrace,
-)
+from ._events import CallRecord, CallStatus, CallUsage, Role, TraceContext, TurnEnd, TurnTrace
 from ._facts import MoaFacts, ResponsesRequest
 from ._holds import Hold
 from ._ids import new_id
@@ -74,7 +67,8 @@ class Turn:
 
     The turn ends when it is sealed (no more calls will start) and its last call has ended. Its
     `policy` is its session's budget (its own, or the client's); `key_id` the API key whose limits
-    apply too (`serve --keys`); `weighs` whether holds weigh tokens and cost, or only count calls.
+    apply too (`serve --keys`); `weighs` whether holds weigh tokens and cost, or only count calls;
+    `parent` the caller's trace context (OpenTelemetry), which its spans and upstreams join.
     """
 
     def __init__(
@@ -86,6 +80,7 @@ class Turn:
         key_id: str | None = None,
         policy: BudgetPolicy | None = None,
         weighs: bool = False,
+        parent: TraceContext | None = None,
     ) -> None:
         self.owner = owner
         self.turn_id = new_id()
@@ -93,6 +88,8 @@ class Turn:
         self.key_id = key_id
         self.policy = policy
         self.weighs = weighs
+        self.parent = parent
+        self.upstream_headers: dict[str, str] = {}  # the trace context, when it goes upstream
         self.holds = TurnHolds()
         self.model = model
         self.started_at = time.time()
@@ -263,6 +260,7 @@ class Turn:
             cadence=None if moa is None else moa.cadence,
             aggregator_wait_s=None if moa is None else moa.aggregator_wait_s,
             budget_short=[] if moa is None else moa.budget_short,
+            parent=self.parent,
         )
         if self._secret_seen:
             trace = redact_trace(trace, secret_redactor(self._secrets))

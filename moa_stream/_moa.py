@@ -18,7 +18,7 @@ from ._aggregator import AggregatorStep, slot_payload
 from ._cadence import CachedReferences, user_turn_key
 from ._engine import Engine
 from ._errors import Refusal, error_response
-from ._events import BudgetShort, CallStatus, ReferenceDone, ReferenceStarted
+from ._events import BudgetShort, CallStatus, ReferenceDone, ReferenceStarted, TraceContext
 from ._facts import MoaFacts, ResponsesRequest
 from ._fanout import run_layer
 from ._holds import Hold
@@ -43,12 +43,13 @@ async def run_moa_turn(
     session_id: str,
     key_id: str | None = None,
     api: str = "chat",
+    parent: TraceContext | None = None,
 ) -> Any:
     """Answer a `moa:<name>` request (chat completions, or `api="responses"`): the aggregator's
     response, teed, or an error response."""
     model = str(payload["model"])
     try:
-        turn = engine.new_turn(session_id=session_id, model=model, key_id=key_id)
+        turn = engine.new_turn(session_id=session_id, model=model, key_id=key_id, parent=parent)
     except SessionStateError as exc:
         return exc.response(default.http)
     turn.note_inputs(body, default.secrets)

@@ -21,6 +21,7 @@ from ._holds import max_output_of
 from ._ledger import SessionStateError
 from ._moa import MOA_PREFIX, run_moa_turn
 from ._session import KEY_HEADER, SESSION_HEADER, current_session
+from ._trace_context import current_trace_context
 from ._upstream import Upstream, send_chat, send_responses
 from ._wire import any_decoder
 
@@ -100,12 +101,13 @@ class MeteringTransport:
         except SessionStateError as exc:
             return exc.response(self._http)
         model = str(payload.get("model", ""))
+        parent = current_trace_context() if engine.wants_trace_context else None
         if model.startswith(MOA_PREFIX):
             return await run_moa_turn(
-                engine, upstream, payload, body=body, session_id=session_id, key_id=key_id, api=api
+                engine, upstream, payload, body=body, session_id=session_id, key_id=key_id, api=api, parent=parent
             )
         try:
-            turn = engine.new_turn(session_id=session_id, model=model, key_id=key_id)
+            turn = engine.new_turn(session_id=session_id, model=model, key_id=key_id, parent=parent)
         except SessionStateError as exc:
             return exc.response(self._http)
         turn.note_inputs(body, upstream.secrets)

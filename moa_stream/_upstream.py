@@ -100,11 +100,22 @@ class Upstream:
             url = self._urls[endpoint] = self.url.copy_with(path=self._prefix + endpoint)
         return url
 
-    def request(self, body: bytes, *, identity: bool, endpoint: str = "/chat/completions") -> Any:
+    def request(
+        self, body: bytes, *, identity: bool, endpoint: str = "/chat/completions", extra: dict[str, str] | None = None
+    ) -> Any:
+        """A request of `body` to `endpoint`, with this upstream's headers and the `extra` ones."""
         original = self._original
-        if original is not None and not identity and endpoint == self._endpoint and body is original.content:
+        if (
+            original is not None
+            and not identity
+            and endpoint == self._endpoint
+            and body is original.content
+            and not extra
+        ):
             return original  # the caller's bytes to the caller's URL: nothing to rebuild
         headers = self.headers.copy()
+        if extra:
+            headers.update(extra)
         if identity:
             # A compressed event stream could not be teed chunk by chunk, nor a body rewritten.
             headers["accept-encoding"] = "identity"
@@ -192,7 +203,8 @@ async def send_chat(
         first = json_encoder.encode({**payload, "stream_options": {**(options or {}), "include_usage": True}})
 
     identity = streamed or rewrite_usage is not None
-    response = await _send(call, upstream, upstream.request(first, identity=identity))
+    extra = call.turn.upstream_headers
+    response = await _send(call, upstream, upstream.request(first, identity=identity, extra=extra))
     if inject and response.status_code == 400:
         raw = await _read_raw(response)
         if b"stream_options" not in raw:
@@ -200,7 +212,7 @@ async def send_chat(
             return _teed(upstream.http, call, replay, ChatReader(call))
         quirks.learn_rejects_stream_options(origin)
         inject = drop_null_usage = False
-        response = await _send(call, upstream, upstream.request(plain, identity=identity))
+        response = await _send(call, upstream, upstream.request(plain, identity=identity, extra=extra))
     ok = response.status_code < 400
     reader = ChatReader(
         call,
@@ -226,7 +238,8 @@ async def send_responses(
     streamed = payload.get("stream") is True
     content = body if body is not None else json_encoder.encode(payload)
     identity = streamed or rewrite_usage is not None
-    response = await _send(call, upstream, upstream.request(content, identity=identity, endpoint="/responses"))
+    request = upstream.request(content, identity=identity, endpoint="/responses", extra=call.turn.upstream_headers)
+    response = await _send(call, upstream, request)
     rewrite = rewrite_usage if response.status_code < 400 else None
     return _teed(upstream.http, call, response, ResponsesReader(call, rewrite_usage=rewrite))
 

@@ -45,6 +45,7 @@ def wrap(
     redact: RedactInput | None = None,
     budget: Budget | None = None,
     store: str | StoreConfig | None = None,
+    propagate_trace: bool = False,
 ) -> ClientT:
     """Return a copy of `client` (same class, same options) whose chat calls are metered.
 
@@ -74,6 +75,9 @@ def wrap(
     ledgers, state, budget holds, per-session budgets and MoA reference caches in Redis, shared by
     every process that uses the same store (needs the `redis` extra); without it they live in this
     process (and in sidecar files with `trace_dir`).
+
+    `propagate_trace=True` sends the caller's current OpenTelemetry span upstream as W3C
+    `traceparent`/`tracestate` headers, so that a provider or gateway that traces joins the trace.
 
     `fast=True` returns an instance of a subclass of the client's class that builds chat responses
     by validation instead of the SDK's slower construction (same objects, equal `model_dump()`,
@@ -119,6 +123,7 @@ def wrap(
         upstream_concurrency=upstream_concurrency,
         store=None if store_config is None else open_store(store_config),
         store_unavailable=None if store_config is None else store_config.unavailable,
+        propagate_trace=propagate_trace,
     )
     # Keep the original client alive: its HTTP client closes the shared pool when collected.
     engine.origin = client
