@@ -64,6 +64,8 @@ class CallUsage(_Record, tag="call_usage", tag_field="type", kw_only=True, froze
     """Completion tokens spent on hidden reasoning."""
     usage_source: UsageSource = "missing"
     """`reported`, `estimated` or `missing`; see `UsageSource`."""
+    tool_calls: int = 0
+    """Tool calls in the call's answer."""
     cost_usd: float | None = None
     """Cost in USD from the price table; None when the model's price is unknown (never 0 for that)."""
     started_at: float
@@ -101,6 +103,8 @@ class TurnEnd(_Record, tag="turn_end", tag_field="type", kw_only=True, frozen=Tr
     """Sum of input tokens over the calls whose usage is known."""
     cached_input_tokens: int
     """Sum of cached input tokens."""
+    cache_write_tokens: int = 0
+    """Sum of input tokens written to the provider's prompt cache (Anthropic-style cache writes)."""
     output_tokens: int
     """Sum of output tokens (reasoning included)."""
     reasoning_tokens: int
@@ -111,6 +115,10 @@ class TurnEnd(_Record, tag="turn_end", tag_field="type", kw_only=True, frozen=Tr
     """Sum of the calls' known costs."""
     cost_complete: bool
     """False when some call's cost is unknown, so `cost_usd` is a lower bound."""
+    tool_calls: int = 0
+    """Tool calls the acting model (the call whose output the caller received) requested."""
+    tool_names: list[str] = []
+    """Their function names, in order."""
     started_at: float
     """Unix time at which the turn started."""
     ttft_s: float | None = None
@@ -257,6 +265,34 @@ class BudgetShort(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     """The limit that was short, as `<scope>.<limit>`."""
 
 
+MoaDecisionKind = Literal["quorum_met", "reference_cancelled", "reference_unusable", "budget_refused", "budget_short"]
+"""What the MoA engine decided: the quorum was met; the quorum-and-grace rule cancelled a
+straggler; a reference completed without text, so the aggregator does not get it; the budget
+refused a call (the turn, a reference or the aggregator); the budget held a layer short."""
+
+
+class MoaDecision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One decision taken during a MoA turn, when it was taken (see `TurnTrace.moa_events`)."""
+
+    kind: MoaDecisionKind
+    at: float
+    """Unix time of the decision."""
+    layer: int | None = None
+    """1-based layer number (None for the aggregator)."""
+    label: str | None = None
+    """The reference (or aggregator) slot it is about, if one."""
+    succeeded: int | None = None
+    """`quorum_met`: references of the layer that had succeeded when the rule moved on (the quorum,
+    and those that finished within the grace)."""
+    total: int | None = None
+    """`quorum_met`: references in the layer."""
+    quorum: int | None = None
+    """`quorum_met`: successes the rule waited for."""
+    limit: str | None = None
+    """`budget_refused`, `budget_short`: the limit, as `<scope>.<limit>` (what refused, for a refusal
+    that was not a budget limit, such as an unreachable store)."""
+
+
 class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, frozen=True):
     """One record per turn, appended to `<trace_dir>/<session_id>.jsonl`."""
 
@@ -282,6 +318,9 @@ class TurnTrace(_Record, tag="turn_trace", tag_field="type", kw_only=True, froze
     parent: TraceContext | None = None
     """The caller's current span when the turn started, when OpenTelemetry is in use (see `OTelSink`
     and `wrap(propagate_trace=)`): the turn's spans are its children."""
+    moa_events: list[MoaDecision] = []
+    """For a MoA turn: its fan-out and budget decisions, in order (`OTelSink` makes them span
+    events). A reference that timed out is not among them: its call's error says so."""
 
 
 class BudgetWarning(_Record, tag="budget_warning", tag_field="type", kw_only=True, frozen=True):

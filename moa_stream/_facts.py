@@ -44,3 +44,5 @@ class MoaFacts(msgspec.Struct, frozen=True, kw_only=True):
     """The response id the caller was given, when it is not the aggregator's own (a bridged answer)."""
     budget_short: list[Any] = []
     """`BudgetShort` records of the layers the budget could not hold in full."""
+    moa_events: list[Any] = []
+    """`MoaDecision` records: the turn's fan-out and budget decisions, in order."""

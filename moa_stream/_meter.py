@@ -21,7 +21,7 @@ from ._events import CallRecord, CallStatus, CallUsage, Role, TraceContext, Turn
 from ._facts import MoaFacts, ResponsesRequest
 from ._holds import Hold
 from ._ids import new_id
-from ._outcome import interruption, output_source, turn_outcome
+from ._outcome import interruption, output_source, turn_end, turn_outcome
 from ._pricing import PriceTable
 from ._redact import Redactor, redact_trace, scrub, secret_redactor
 from ._totals import Totals
@@ -230,21 +230,13 @@ class Turn:
         status, error = turn_outcome(main, usages, reason, cut=self._cut)
         if error is not None and self._secrets:
             error = scrub(error, self._secrets)
-        end = TurnEnd(
+        end = turn_end(
+            records,
             turn_id=self.turn_id,
             session_id=self.session_id,
             model=self.model,
-            calls=len(usages),
-            failed_calls=sum(u.status == "error" for u in usages),
-            input_tokens=sum(u.input_tokens or 0 for u in usages),
-            cached_input_tokens=sum(u.cached_input_tokens or 0 for u in usages),
-            output_tokens=sum(u.output_tokens or 0 for u in usages),
-            reasoning_tokens=sum(u.reasoning_tokens or 0 for u in usages),
-            usage_complete=all(u.usage_source != "missing" for u in usages),
-            cost_usd=sum(u.cost_usd or 0.0 for u in usages),
-            cost_complete=all(u.cost_usd is not None for u in usages),
+            main=main,
             started_at=self.started_at,
-            ttft_s=None if main is None or main.ttft_s is None else main.ttft_s + (main.started_at - self.started_at),
             duration_s=time.perf_counter() - self._t0,
             status=status,
             error=error,
@@ -260,6 +252,7 @@ class Turn:
             cadence=None if moa is None else moa.cadence,
             aggregator_wait_s=None if moa is None else moa.aggregator_wait_s,
             budget_short=[] if moa is None else moa.budget_short,
+            moa_events=[] if moa is None else moa.moa_events,
             parent=self.parent,
         )
         if self._secret_seen:
@@ -404,6 +397,7 @@ class Call:
             output_tokens=tokens.output,
             reasoning_tokens=tokens.reasoning,
             usage_source=tokens.source,
+            tool_calls=len(output.tool_calls),
             cost_usd=prices.cost(
                 model if prices.lookup(model) is not None else self.model,
                 input_tokens=tokens.input,

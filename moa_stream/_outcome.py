@@ -1,11 +1,11 @@
 """How calls and turns ended, in the words events use: the worst status of a turn's calls, a reason on
-one line, and where a call's recorded output came from."""
+one line, where a call's recorded output came from, and a turn's summary (`TurnEnd`)."""
 
 from __future__ import annotations
 
 import anyio
 
-from ._events import CallStatus, CallUsage, OutputSource
+from ._events import CallRecord, CallStatus, CallUsage, OutputSource, TurnEnd
 
 MAX_ERROR_CHARS = 1000
 """The longest reason a `TurnEnd` carries."""
@@ -63,3 +63,44 @@ def interruption(exc: BaseException, deadline: tuple[float, float] | None) -> tu
     if isinstance(exc, GeneratorExit):
         return "closed_early", None
     return "error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def turn_end(
+    records: list[CallRecord],
+    *,
+    turn_id: str,
+    session_id: str,
+    model: str,
+    main: CallUsage | None,
+    started_at: float,
+    duration_s: float,
+    status: CallStatus,
+    error: str | None,
+) -> TurnEnd:
+    """A turn's summary from its calls' records; `main` is the usage of the call whose output the
+    caller received (the acting model: its tool calls are the turn's)."""
+    usages = [record.usage for record in records]
+    acting = next((record for record in records if main is not None and record.call_id == main.call_id), None)
+    tool_names = [call.name or "" for call in acting.output.tool_calls] if acting is not None else []
+    return TurnEnd(
+        turn_id=turn_id,
+        session_id=session_id,
+        model=model,
+        calls=len(usages),
+        failed_calls=sum(u.status == "error" for u in usages),
+        input_tokens=sum(u.input_tokens or 0 for u in usages),
+        cached_input_tokens=sum(u.cached_input_tokens or 0 for u in usages),
+        cache_write_tokens=sum(u.cache_write_tokens or 0 for u in usages),
+        output_tokens=sum(u.output_tokens or 0 for u in usages),
+        reasoning_tokens=sum(u.reasoning_tokens or 0 for u in usages),
+        usage_complete=all(u.usage_source != "missing" for u in usages),
+        cost_usd=sum(u.cost_usd or 0.0 for u in usages),
+        cost_complete=all(u.cost_usd is not None for u in usages),
+        tool_calls=len(tool_names),
+        tool_names=tool_names,
+        started_at=started_at,
+        ttft_s=None if main is None or main.ttft_s is None else main.ttft_s + (main.started_at - started_at),
+        duration_s=duration_s,
+        status=status,
+        error=error,
+    )

@@ -15,10 +15,12 @@ TOTALS = (
     "failed_calls",
     "input_tokens",
     "cached_input_tokens",
+    "cache_write_tokens",
     "output_tokens",
     "reasoning_tokens",
     "cost_usd",
     "unpriced_calls",
+    "tool_calls",
 )
 """The fields of `Totals`, in the order the settle script takes and returns them."""
 
@@ -145,12 +147,11 @@ SETTLE = (
     _COMMON
     + r"""
 -- KEYS: per scope (ledger, holds, leases), the first one the session's; then the session's settled set.
--- ARGV: idle_ms, scopes, call_id, model, role, then the 8 TOTALS amounts of the call.
+-- ARGV: idle_ms, scopes, call_id, model, role, then the TOTALS amounts of the call.
 local idle, n, id, model, role = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 local settled = KEYS[3 * n + 1]
 if redis.call('SADD', settled, id) == 0 then return {} end
-local fields = {'calls', 'failed_calls', 'input_tokens', 'cached_input_tokens', 'output_tokens',
-  'reasoning_tokens', 'cost_usd', 'unpriced_calls'}
+local fields = {__TOTALS__}
 local before = redis.call('HMGET', KEYS[1], unpack(fields))
 for i = 1, n do
   local ledger, holds, leases = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
@@ -171,7 +172,7 @@ end
 local after = redis.call('HMGET', KEYS[1], unpack(fields))
 touch({KEYS[1], KEYS[2], KEYS[3], settled}, idle)
 return {before, after}
-"""
+""".replace("__TOTALS__", ", ".join(f"'{name}'" for name in TOTALS))
 )
 
 RELEASE = (

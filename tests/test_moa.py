@@ -516,3 +516,20 @@ async def test_the_turn_retries_its_aggregator_itself_and_the_sdk_never_reruns_r
     assert (end.calls, end.status) == (5, "error")
     assert end.error is not None
     assert "429" in end.error
+
+
+async def test_a_turn_end_counts_the_acting_models_tool_calls_and_names_them(
+    wrapped: Wrapped, log: EventLog, sim: Simulator
+) -> None:
+    client = wrapped(presets=trio())
+    with moa_stream.session("tools"):
+        await client.chat.completions.create(model="moa:trio", messages=USER, tools=[WEATHER_TOOL])  # type: ignore[arg-type]
+        await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(2)
+    with_tools, without = sorted(log.of(moa_stream.TurnEnd), key=lambda end: end.started_at)
+    assert (with_tools.tool_calls, with_tools.tool_names) == (1, ["get_weather"])
+    assert (without.tool_calls, without.tool_names) == (0, [])
+    aggregator = next(c for c in log.of(moa_stream.CallUsage) if c.role == "aggregator" and c.tool_calls)
+    assert aggregator.turn_id == with_tools.turn_id
+    ledger = moa_stream.session_ledger(client, "tools")
+    assert ledger.totals.tool_calls == ledger.by_role["aggregator"].tool_calls == 1

@@ -12,6 +12,7 @@ import moa_stream
 from moa_stream.testing import Simulator, sim_client, sim_token_count
 
 from .conftest import EventLog, chat_once, first_stream
+from .scripted import Reply, Request, ScriptedUpstream
 from .test_sim import WEATHER_TOOL
 
 USER = [{"role": "user", "content": "Tell me about streams"}]
@@ -187,3 +188,38 @@ async def test_a_request_needing_no_change_reaches_the_upstream_as_the_callers_o
     assert with_session[1] is not with_session[0]
     assert moa_stream.SESSION_HEADER not in with_session[1].headers
     assert with_session[1].content == with_session[0].content
+
+
+async def test_cache_writes_an_upstream_reports_add_up_in_the_turn_and_the_ledger(log: EventLog) -> None:
+    # An Anthropic-compatible server's non-streamed answer with prompt-cache writes and reads.
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "claude-compatible",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 120,
+            "completion_tokens": 3,
+            "total_tokens": 123,
+            "cache_creation_input_tokens": 100,
+            "prompt_tokens_details": {"cached_tokens": 7},
+        },
+    }
+
+    def handler(request: Request) -> Reply:
+        return Reply(headers=[("content-type", "application/json")], parts=[json.dumps(body).encode()])
+
+    with ScriptedUpstream(handler) as upstream:
+        bare = openai.AsyncOpenAI(base_url=upstream.base_url, api_key="sk-test", max_retries=0)
+        client = moa_stream.wrap(bare, sinks=[log])
+        with moa_stream.session("cached"):
+            for _ in range(2):
+                await client.chat.completions.create(
+                    model="claude-compatible", messages=[{"role": "user", "content": "x"}]
+                )
+        await client.close()
+    assert [usage.cache_write_tokens for usage in log.of(moa_stream.CallUsage)] == [100, 100]
+    assert [end.cache_write_tokens for end in log.of(moa_stream.TurnEnd)] == [100, 100]
+    totals = moa_stream.session_ledger(client, "cached").totals
+    assert (totals.cache_write_tokens, totals.cached_input_tokens) == (200, 14)
