@@ -1,4 +1,6 @@
-"""`moa-stream traces show|stats` on trace files written by real turns on the simulator."""
+"""`moa-stream traces show|stats` on trace files written by real turns on the simulator.
+
+The fixtures and helpers here are shared by `test_traces_cli_*.py`."""
 
 from __future__ import annotations
 
@@ -293,19 +295,23 @@ async def test_stats_totals_cost_and_tokens_by_model_and_by_session(
     assert table_row(out, "model", "m1") == [
         "m1",
         "2",  # turns: the MoA turn and the direct one
+        "0",  # refused
         "2",  # calls
+        "0",  # failed
         f"{sum(u.input_tokens or 0 for u in m1):,}",
         "0",
+        "-",  # cache writes: the simulator reports none
         f"{sum(u.output_tokens or 0 for u in m1):,}",
         "0",
+        "0",  # tool calls
         usd(sum(u.cost_usd or 0 for u in m1)),
     ]
     assert table_row(out, "model", "m-free")[-1] == "unknown"
     alice = [u for u in usages if u.session_id == "alice"]
-    assert table_row(out, "session", "alice")[1:3] == ["2", "4"]
+    assert table_row(out, "session", "alice")[1:5] == ["2", "0", "4", "0"]
     assert table_row(out, "session", "alice")[-1] == usd(sum(u.cost_usd or 0 for u in alice))
-    assert table_row(out, "session", "bob")[1:3] == ["1", "1"]
-    assert table_row(out, "requested model", "moa:duo")[1:3] == ["1", "3"]
+    assert table_row(out, "session", "bob")[1:5] == ["1", "0", "1", "0"]
+    assert table_row(out, "requested model", "moa:duo")[1:5] == ["1", "0", "3", "0"]
 
 
 async def test_stats_reports_an_unreadable_file_and_totals_the_rest(

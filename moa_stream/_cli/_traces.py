@@ -1,8 +1,10 @@
-"""`moa-stream traces`: look at trace files, one turn side by side (`show`) or totals over a directory (`stats`).
+"""`moa-stream traces`: look at trace files: a row per turn (`list`), one turn side by side (`show`) or
+totals over a directory (`stats`).
 
 Reads what `TraceWriter` wrote, through `read_traces`; nothing here writes. Bad input (a missing or
 unreadable file, a line that is not a trace record, a `--turn` that names no turn or several) is
-reported on stderr with the file and line, and the command exits 1.
+reported on stderr with the file and line, and the command exits 1. A directory's unreadable file is
+reported and skipped: the command prints what the other files hold, then exits 1.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ import textwrap
 from pathlib import Path
 from typing import TextIO
 
-from .._events import CallRecord, TurnTrace
-from ._text import PROG, BadInput, cut, load, plural, printable, secs, usd, when
+import msgspec
+
+from .._events import CallRecord, TurnTrace, event_encoder
+from ._text import PROG, BadInput, cut, plural, printable, secs, usd, when
 from ._text import tokens as token_text
+from ._trace_json import envelope, turn_json, write_json
+from ._trace_list import list_command
+from ._trace_select import Gathered, Turn, add_filters, add_json, gather, no_turns, reason, refused
 from ._trace_stats import stats_command
 
 _MIN_COLUMN = 24
@@ -27,21 +34,37 @@ _DEFAULT_LINES = 8
 
 
 def add_traces_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `traces show FILE [--turn ID]` and `traces stats DIR` to the `moa-stream` subcommands."""
+    """Add `traces list`, `traces show` and `traces stats` to the `moa-stream` subcommands."""
     traces = commands.add_parser(
         "traces",
-        help="look at trace files: one turn, or totals",
-        description="Look at the trace files written with trace_dir=: one turn side by side, or totals.",
+        help="look at trace files: a list of turns, one turn, or totals",
+        description="Look at the trace files written with trace_dir=: a list of turns, one turn side by side, "
+        "or totals. Every subcommand takes --since and --session filters and prints JSON with --json.",
     )
-    sub = traces.add_subparsers(dest="traces_command", required=True, metavar="{show,stats}")
+    sub = traces.add_subparsers(dest="traces_command", required=True, metavar="{list,show,stats}")
+    listing = sub.add_parser(
+        "list",
+        help="one row per turn: id, time, session, model, status, calls, tokens, cost, duration",
+        description="One row per turn of a trace file or of every *.jsonl file of a directory, oldest first "
+        "(by start time, in UTC): turn id, start, session, requested model or preset, status (refused: "
+        "refused before any call was sent), calls, tokens, cost, duration, and why a failed turn failed.",
+    )
+    listing.add_argument("path", type=Path, metavar="DIR|FILE", help="a trace directory or a <session>.jsonl file")
+    add_filters(listing)
+    add_json(listing)
     show = sub.add_parser(
         "show",
         help="print one turn: the references side by side, then the aggregator's answer",
-        description="Print one turn of a trace file (default: the last one): a header with the totals, the "
-        "references side by side with status, tokens, cost and timing, then the aggregator's answer.",
+        description="Print one turn of a trace file or directory (default: the one that started last): a "
+        "header with the totals and, for a failed or refused turn, the reason; the references side by side "
+        "with status, tokens, cost and timing; then the aggregator's answer.",
     )
-    show.add_argument("file", type=Path, metavar="FILE", help="a <session>.jsonl trace file")
-    show.add_argument("--turn", metavar="ID", help="the turn to show: its id or a unique prefix of it")
+    show.add_argument("path", type=Path, metavar="DIR|FILE", help="a trace directory or a <session>.jsonl file")
+    which = show.add_mutually_exclusive_group()
+    which.add_argument("--turn", metavar="ID", help="the turn to show: its id or a unique prefix of it")
+    which.add_argument(
+        "--last", action="store_true", help="the turn that started last (the default; the last row of `list`)"
+    )
     show.add_argument(
         "--lines",
         type=positive,
@@ -49,26 +72,39 @@ def add_traces_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         metavar="N",
         help=f"lines of each reference's answer to show (default {_DEFAULT_LINES})",
     )
+    add_filters(show)
+    add_json(show)
     stats = sub.add_parser(
         "stats",
-        help="total cost and tokens by model and by session",
-        description="Total cost, tokens, calls and turns over every *.jsonl file of a trace directory, "
-        "by model, by session and by what the caller asked for.",
+        help="total cost and tokens by model, session, requested model and role",
+        description="Total turns, calls, tokens, tool calls and cost over every *.jsonl file of a trace directory, "
+        "by model, by session, by what the caller asked for and by role; each table adds up to the totals. "
+        "With --prices, what the same calls would have cost under another price table.",
     )
     stats.add_argument("directory", type=Path, metavar="DIR", help="a trace directory")
+    stats.add_argument(
+        "--prices",
+        type=Path,
+        metavar="FILE",
+        help="a price table in LiteLLM's format (model_prices_and_context_window.json or a subset): "
+        "re-price the recorded usage and show that cost beside the recorded one, per model and in total",
+    )
+    add_filters(stats)
+    add_json(stats)
 
 
 def run_traces(args: argparse.Namespace) -> int:
-    """Run `traces show` or `traces stats` from parsed arguments; 1 for bad input, else 0."""
+    """Run a `traces` subcommand from parsed arguments; 1 for bad input or an unreadable file, else 0."""
     out, err = sys.stdout, sys.stderr
     command = getattr(args, "traces_command", None)
     try:
+        if command == "list":
+            return list_command(args, out, err)
         if command == "show":
-            _show(args.file, getattr(args, "turn", None), getattr(args, "lines", _DEFAULT_LINES), out, err)
-            return 0
+            return _show(args, out, err)
         if command == "stats":
-            return stats_command(args.directory, out, err)
-        raise BadInput(f"unknown command {command!r} (expected show or stats)")
+            return stats_command(args, out, err)
+        raise BadInput(f"unknown command {command!r} (expected list, show or stats)")
     except BadInput as exc:
         print(f"{PROG}: {exc}", file=err)
         return 1
@@ -99,31 +135,45 @@ def positive(text: str) -> int:
     return value
 
 
-# -- reading ------------------------------------------------------------------------------------
-
-
 # -- show ---------------------------------------------------------------------------------------
 
 
-def _show(path: Path, turn: str | None, lines: int, out: TextIO, err: TextIO) -> None:
-    records = load(path, err)
-    if not records:
-        raise BadInput(f"{path}: no turns in this file")
-    if turn is None:
-        record = records[-1]
+def _show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    since, sessions = args.since, args.session
+    gathered = gather(args.path, err, since=since, sessions=sessions)
+    turns = gathered.turns
+    if not turns:
+        raise BadInput(no_turns(gathered, since, sessions))
+    prefix: str | None = args.turn
+    turn = turns[-1] if prefix is None else _find(gathered, prefix)
+    if args.json:
+        document = envelope("show", gathered, since, sessions)
+        document["turn"] = turn_json(turn)
+        # Through msgspec, which writes a non-finite float as null: the record as the file has it.
+        document["trace"] = msgspec.json.decode(event_encoder.encode(turn.record))
+        write_json(document, out)
     else:
-        ids = list(dict.fromkeys(r.turn_id for r in records if r.turn_id.startswith(turn)))
-        if not ids:
-            raise BadInput(f"{path}: no turn id starts with {turn!r} ({len(records)} turns in the file)")
-        if len(ids) > 1:
-            shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
-            raise BadInput(f"{path}: {turn!r} matches {len(ids)} turns ({shown}); give more of the id")
-        record = next(r for r in records if r.turn_id == ids[0])
-    width = max(40, shutil.get_terminal_size((100, 24)).columns)
-    out.write("\n".join(_render_turn(record, width, lines)) + "\n")
+        width = max(40, shutil.get_terminal_size((100, 24)).columns)
+        lines = render_turn(turn.record, width, args.lines)
+        if gathered.is_directory:
+            lines = _field("file", str(turn.path), width) + lines
+        out.write("\n".join(lines) + "\n")
+    return 1 if gathered.skipped else 0
 
 
-def _render_turn(record: TurnTrace, width: int, lines: int) -> list[str]:
+def _find(gathered: Gathered, prefix: str) -> Turn:
+    turns = gathered.turns
+    ids = list(dict.fromkeys(t.record.turn_id for t in turns if t.record.turn_id.startswith(prefix)))
+    where = " in the file" if not gathered.is_directory else f" in {plural(gathered.files, 'file')}"
+    if not ids:
+        raise BadInput(f"{gathered.source}: no turn id starts with {prefix!r} ({plural(len(turns), 'turn')}{where})")
+    if len(ids) > 1:
+        shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+        raise BadInput(f"{gathered.source}: {prefix!r} matches {len(ids)} turns ({shown}); give more of the id")
+    return next(t for t in turns if t.record.turn_id == ids[0])
+
+
+def render_turn(record: TurnTrace, width: int, lines: int) -> list[str]:
     end = record.end
     model = record.model
     if record.preset is not None:
@@ -132,6 +182,10 @@ def _render_turn(record: TurnTrace, width: int, lines: int) -> list[str]:
             model += ", references " + ("reused: cadence hit" if record.cadence == "hit" else "run: cadence miss")
         model += ")"
     failed = f", {end.failed_calls} failed" if end.failed_calls else ""
+    status: str = end.status
+    if refused(record):
+        status += " (refused: no call was sent)"
+
     timing = [f"started {when(end.started_at)}", f"ttft {secs(end.ttft_s)}", f"took {secs(end.duration_s)}"]
     if record.aggregator_wait_s is not None:
         timing.append(f"aggregator waited {secs(record.aggregator_wait_s)}")
@@ -155,7 +209,8 @@ def _render_turn(record: TurnTrace, width: int, lines: int) -> list[str]:
         ("turn", record.turn_id),
         ("session", record.session_id),
         ("model", model),
-        ("status", f"{end.status}  ({plural(end.calls, 'call')}{failed})  " + "  ".join(timing)),
+        ("status", f"{status}  ({plural(end.calls, 'call')}{failed})  " + "  ".join(timing)),
+        *([("reason", why)] if (why := reason(record)) else []),
         ("tokens", tokens),
         ("cost", cost),
     ):
