@@ -5,8 +5,10 @@ The fixtures and helpers here are shared by `test_traces_cli_*.py`."""
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import openai
@@ -348,3 +350,41 @@ def test_stats_of_a_missing_or_empty_directory_is_bad_input(tmp_path: Path, caps
     assert f"{tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
     assert traces("stats", tmp_path) == 1
     assert f"{tmp_path}: no *.jsonl trace files" in capsys.readouterr().err
+
+
+# -- shared by test_traces_cli_*.py -------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"river": {"type": "string"}}}},
+    }
+]
+
+
+@pytest.fixture
+def refusing(wrapped: Wrapped, trace_dir: Path) -> openai.AsyncOpenAI:
+    """A client whose sessions may start one call each: a session's second turn is refused."""
+    presets = {"duo": Preset(references=["m1", "m2"], aggregator="m3")}
+    budget = moa_stream.Budget(session=moa_stream.Limits(calls=1))
+    return wrapped(presets=presets, prices=PRICES, trace_dir=trace_dir, budget=budget)
+
+
+async def refused_turn(client: openai.AsyncOpenAI, model: str) -> None:
+    with pytest.raises(moa_stream.BudgetExceeded):
+        await direct_turn(client, model)
+
+
+def rewrite(file: Path, change: Callable[[int, moa_stream.TurnTrace], moa_stream.TurnTrace]) -> None:
+    """Replace each record of `file` by `change(index, record)`: facts the simulator cannot produce."""
+    records = list(moa_stream.read_traces(file))
+    file.write_bytes(b"".join(moa_stream.event_encoder.encode(change(i, r)) + b"\n" for i, r in enumerate(records)))
+
+
+def started(record: moa_stream.TurnTrace, at: float) -> moa_stream.TurnTrace:
+    return msgspec.structs.replace(record, end=msgspec.structs.replace(record.end, started_at=at))
+
+
+def json_of(capsys: pytest.CaptureFixture[str]) -> Any:
+    """The one JSON document a `--json` command printed."""
+    return json.loads(capsys.readouterr().out)
