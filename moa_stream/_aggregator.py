@@ -17,6 +17,7 @@ from typing import Any, Literal
 import anyio
 
 from ._bridge import BridgeStream, ResponseBuilder
+from ._chat_reader import Relabel
 from ._engine import Engine
 from ._errors import Refusal
 from ._events import Aggregating
@@ -161,7 +162,8 @@ class AggregatorStep:
         return _native_request(self.payload, aggregator, references, inject, placement=self.preset.placement)
 
     async def _send(self, api: Api, call: Call, upstream: Upstream, payload: dict[str, Any]) -> Any:
-        quirks, rewrite = self.engine.quirks, _turn_usage(self.turn, self.api) if self.preset.usage == "turn" else None
+        quirks = self.engine.quirks
+        rewrite = _relabel(self.turn, self.api, self.preset.usage, self.model, call.model)
         if api == "responses":
             return await send_responses(call, upstream, payload, rewrite_usage=rewrite)
         if self.api == "chat":
@@ -171,7 +173,7 @@ class AggregatorStep:
         if response.status_code >= 400:
             return response
         self.served_id = self.served_id or f"resp_moa_{new_id()}"
-        builder = ResponseBuilder(self.served_id, call.model, self.payload, rewrite)
+        builder = ResponseBuilder(self.served_id, rewrite.model or call.model, self.payload, rewrite)
         http = upstream.http
         headers = {"content-type": "application/json"}
         if payload.get("stream") is True:
@@ -262,24 +264,50 @@ def _with_system(messages: list[Any], system: str | None) -> list[Any]:
     return messages if system is None else [{"role": "system", "content": system}, *messages]
 
 
-def _turn_usage(turn: Turn, api: str) -> Any:
-    """Adds the references' tokens to the usage the caller sees, so budgets count the whole turn."""
+def _relabel(turn: Turn, api: str, mode: str, name: str, aggregator_model: str) -> Relabel:
+    """What the caller's answer reports (see `Preset.usage`). `turn`: the whole turn's usage, under
+    the preset's name (`moa:<name>`), so that a framework's price lookup fails rather than price
+    every reference's tokens at the aggregator's rate. `aggregator`: the aggregator's own usage and
+    model. Either way with the cost it stands for, where known, as `usage.cost` (OpenRouter's
+    field, which LiteLLM and Langfuse read as a provider-reported cost)."""
     names = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
     if api == "responses":
         names = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
     into, out, into_details, out_details = names
+    prices = turn.owner.prices
 
     def rewrite(usage: dict[str, Any]) -> dict[str, Any]:
-        references = [u for u in turn.calls_so_far() if u.role == "reference"]
         usage = dict(usage)
-        usage[into] = (usage.get(into) or 0) + sum(u.input_tokens or 0 for u in references)
-        usage[out] = (usage.get(out) or 0) + sum(u.output_tokens or 0 for u in references)
-        usage["total_tokens"] = usage[into] + usage[out]
-        _add_detail(usage, into_details, "cached_tokens", sum(u.cached_input_tokens or 0 for u in references))
-        _add_detail(usage, out_details, "reasoning_tokens", sum(u.reasoning_tokens or 0 for u in references))
+        own = prices.cost(
+            aggregator_model,
+            input_tokens=_count(usage.get(into)),
+            output_tokens=_count(usage.get(out)),
+            cached_input_tokens=_count(_detail(usage, into_details, "cached_tokens")),
+            reasoning_tokens=_count(_detail(usage, out_details, "reasoning_tokens")),
+        )
+        costs = [own]
+        if mode == "turn":
+            references = [u for u in turn.calls_so_far() if u.role == "reference"]
+            costs += [u.cost_usd for u in references]
+            usage[into] = (usage.get(into) or 0) + sum(u.input_tokens or 0 for u in references)
+            usage[out] = (usage.get(out) or 0) + sum(u.output_tokens or 0 for u in references)
+            usage["total_tokens"] = usage[into] + usage[out]
+            _add_detail(usage, into_details, "cached_tokens", sum(u.cached_input_tokens or 0 for u in references))
+            _add_detail(usage, out_details, "reasoning_tokens", sum(u.reasoning_tokens or 0 for u in references))
+        if all(cost is not None for cost in costs):
+            usage["cost"] = sum(cost for cost in costs if cost is not None)
         return usage
 
-    return rewrite
+    return Relabel(rewrite, name if mode == "turn" else None)
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _detail(usage: dict[str, Any], details: str, name: str) -> object:
+    holder = usage.get(details)
+    return holder.get(name) if isinstance(holder, dict) else None
 
 
 def _add_detail(usage: dict[str, Any], group: str, field: str, extra: int) -> None:

@@ -12,17 +12,16 @@ with the whole response and its usage.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 
+from ._chat_reader import Relabel
 from ._sse import SSEFramer, data_of
 from ._wire import WireChunk, WireUsage, chunk_decoder, completion_decoder, error_message
 
 _encoder = msgspec.json.Encoder()
-
-UsageRewrite = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def responses_usage(usage: WireUsage | None) -> dict[str, Any] | None:
@@ -43,7 +42,7 @@ def responses_usage(usage: WireUsage | None) -> dict[str, Any] | None:
 class ResponseBuilder:
     """The Responses API's view of one chat completion, built as its chunks (or its body) arrive."""
 
-    def __init__(self, response_id: str, model: str, payload: dict[str, Any], rewrite: UsageRewrite | None) -> None:
+    def __init__(self, response_id: str, model: str, payload: dict[str, Any], rewrite: Relabel | None) -> None:
         self.id = response_id
         self.model = model
         self._payload = payload
@@ -215,7 +214,7 @@ class ResponseBuilder:
         finished = status in ("completed", "incomplete")
         usage = self.usage if finished else None
         if usage is not None and self._rewrite is not None:
-            usage = self._rewrite(usage)
+            usage = self._rewrite.usage(usage)
         return {
             "id": self.id,
             "object": "response",

@@ -28,14 +28,47 @@ UsageLearner = Callable[[bool, bool], None]
 and whether chunks carried a `usage` key."""
 
 
-def with_usage(document: bytes, rewrite: UsageRewrite, *, inside: str | None = None) -> bytes:
-    """`document` (JSON) with its `usage` (or `<inside>.usage`) object rewritten."""
+class Relabel:
+    """How a MoA answer speaks for its turn (see `Preset.usage`): the usage it reports (with the
+    cost, where known) and, for the whole turn's usage, the preset as its model, so that no one
+    prices the turn's tokens at the aggregator's rate."""
+
+    __slots__ = ("_name", "model", "usage")
+
+    def __init__(self, usage: UsageRewrite, model: str | None = None) -> None:
+        self.usage = usage
+        self.model = model
+        self._name = json_encoder.encode(model)[1:-1] if model is not None else None
+
+    def chunk(self, raw: bytes) -> bytes:
+        """`raw` (an event, a chunk) naming the relabelled model, where it names one: the first
+        `"model"` key's string, found in the bytes (a chunk is not decoded for it)."""
+        name = self._name
+        if name is None:
+            return raw
+        key = raw.find(b'"model"')
+        if key < 0:
+            return raw
+        colon = raw.find(b":", key + 7)
+        start = raw.find(b'"', colon + 1)
+        if colon < 0 or start < 0 or raw[key + 7 : colon].strip() or raw[colon + 1 : start].strip():
+            return raw
+        end = raw.find(b'"', start + 1)
+        if end < 0 or raw[end - 1] == 0x5C:  # a model name with an escaped quote: left as it is
+            return raw
+        return raw[: start + 1] + name + raw[end:]
+
+
+def with_usage(document: bytes, relabel: Relabel, *, inside: str | None = None) -> bytes:
+    """`document` (JSON) with its `usage` (or `<inside>.usage`) object rewritten, and its model."""
     payload = any_decoder.decode(document)
     holder = payload.get(inside) if isinstance(payload, dict) and inside is not None else payload
     if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
-        holder["usage"] = rewrite(holder["usage"])
+        holder["usage"] = relabel.usage(holder["usage"])
+        if relabel.model is not None and "model" in holder:
+            holder["model"] = relabel.model
         return json_encoder.encode(payload)
-    return document
+    return relabel.chunk(document)
 
 
 def _without_null_usage(raw: bytes) -> bytes:
@@ -65,7 +98,7 @@ class ChatReader:
         *,
         strip_usage: bool = False,
         drop_null_usage: bool = False,
-        rewrite_usage: UsageRewrite | None = None,
+        rewrite_usage: Relabel | None = None,
         learn_usage: UsageLearner | None = None,
     ) -> None:
         self._call = call
@@ -106,12 +139,14 @@ class ChatReader:
             call.first_output()
         if self._learn_usage is not None and not self._saw_usage_key:
             self._saw_usage_key = b'"usage"' in data
+        relabel = self._rewrite_usage
         if chunk is None or chunk.usage is None:
-            return _without_null_usage(block) if self._drop_null_usage else block
+            out = _without_null_usage(block) if self._drop_null_usage else block
+            return out if relabel is None else relabel.chunk(out)
         if self._strip_usage and not chunk.choices:
             return b""
-        if self._rewrite_usage is not None:
-            return b"data: " + with_usage(data, self._rewrite_usage) + b"\n\n"
+        if relabel is not None:
+            return b"data: " + with_usage(data, relabel) + b"\n\n"
         return block
 
     def ended(self) -> None:

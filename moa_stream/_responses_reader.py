@@ -4,7 +4,7 @@ behalf, so nothing is taken out). A MoA turn's usage can be rewritten to count t
 
 from __future__ import annotations
 
-from ._chat_reader import UsageRewrite, with_usage
+from ._chat_reader import Relabel, with_usage
 from ._events import CallStatus
 from ._meter import Call
 from ._responses_wire import TERMINAL, add_event, add_response_body, event_type, finished
@@ -16,7 +16,7 @@ class ResponsesReader:
 
     __slots__ = ("_call", "_rewrite_usage", "done", "pending")
 
-    def __init__(self, call: Call, *, rewrite_usage: UsageRewrite | None = None) -> None:
+    def __init__(self, call: Call, *, rewrite_usage: Relabel | None = None) -> None:
         self._call = call
         self._rewrite_usage = rewrite_usage
         self.done = False
@@ -44,12 +44,13 @@ class ResponsesReader:
         except Exception as exc:  # never break the caller's stream: record it, pass the bytes on
             buffer.error = buffer.error or f"unreadable stream event: {type(exc).__name__}: {exc}"
             return block
+        relabel = self._rewrite_usage
         if kind in TERMINAL:
             self.done = True
-            if self._rewrite_usage is not None:
+            if relabel is not None:
                 head = block[: block.index(b"data:")]
-                return head + b"data: " + with_usage(data, self._rewrite_usage, inside="response") + b"\n\n"
-        return block
+                return head + b"data: " + with_usage(data, relabel, inside="response") + b"\n\n"
+        return block if relabel is None else relabel.chunk(block)
 
     def ended(self) -> None:
         pass  # nothing to learn: usage is never asked for

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import openai
 
-from ._chat_reader import ChatReader, UsageLearner, UsageRewrite
+from ._chat_reader import ChatReader, Relabel, UsageLearner
 from ._meter import Call
 from ._quirks import UpstreamQuirks
 from ._responses_reader import ResponsesReader
@@ -166,13 +166,13 @@ async def send_chat(
     payload: dict[str, Any],
     *,
     body: bytes | None = None,
-    rewrite_usage: UsageRewrite | None = None,
+    rewrite_usage: Relabel | None = None,
     caller_sees: bool | None = None,
 ) -> Any:
     """Send one chat request as `call` and return its response, teed into the call.
 
     `body` is the caller's original bytes, forwarded as they are when nothing needs changing.
-    `rewrite_usage`, given the upstream's usage object, returns the usage the caller should see.
+    `rewrite_usage` says what usage (and model) the caller should see.
 
     Usage is asked for on the caller's behalf when the caller did not ask, and what that adds is
     taken out of what the caller reads; a reference's stream is ours alone. What an upstream sends
@@ -230,7 +230,7 @@ async def send_responses(
     payload: dict[str, Any],
     *,
     body: bytes | None = None,
-    rewrite_usage: UsageRewrite | None = None,
+    rewrite_usage: Relabel | None = None,
 ) -> Any:
     """Send one Responses API request as `call` and return its response, teed into the call.
 

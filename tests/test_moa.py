@@ -189,7 +189,7 @@ async def test_non_streamed_turn_returns_a_chat_completion(wrapped: Wrapped) -> 
     client = wrapped(presets=trio())
     reply = await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
     assert isinstance(reply, openai.types.chat.ChatCompletion)
-    assert reply.model == "agg"
+    assert reply.model == "moa:trio"  # its usage is the whole turn's: no one may price it as the aggregator's
     assert reply.choices[0].message.content
 
 
@@ -533,3 +533,50 @@ async def test_a_turn_end_counts_the_acting_models_tool_calls_and_names_them(
     assert aggregator.turn_id == with_tools.turn_id
     ledger = moa_stream.session_ledger(client, "tools")
     assert ledger.totals.tool_calls == ledger.by_role["aggregator"].tool_calls == 1
+
+
+PRICES = {name: {"input_cost_per_token": 1e-6, "output_cost_per_token": 4e-6} for name in ("ref-a", "ref-b", "ref-c")}
+PRICES["agg"] = {"input_cost_per_token": 1e-5, "output_cost_per_token": 3e-5}
+
+
+async def test_a_turns_answer_names_the_preset_and_carries_the_turns_exact_cost(
+    wrapped: Wrapped, log: EventLog
+) -> None:
+    client = wrapped(presets=trio(), prices=PRICES)
+    reply = await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    stream = await client.chat.completions.create(
+        model="moa:trio",
+        messages=USER,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    _, chunks = await read_all(stream)
+    await log.wait_turns(2)
+    first, second = sorted(log.of(moa_stream.TurnEnd), key=lambda end: end.started_at)
+    assert reply.usage is not None
+    assert reply.usage.model_extra == {"cost": pytest.approx(first.cost_usd)}
+    assert reply.usage.total_tokens == first.input_tokens + first.output_tokens
+    assert {chunk.model for chunk in chunks} == {"moa:trio"}
+    assert chunks[-1].usage.model_extra == {"cost": pytest.approx(second.cost_usd)}
+    assert first.cost_complete
+    assert first.cost_usd > 0
+
+
+async def test_an_answer_with_the_aggregators_usage_names_it_and_carries_its_cost(
+    wrapped: Wrapped, log: EventLog
+) -> None:
+    client = wrapped(presets=trio(usage="aggregator"), prices=PRICES)
+    reply = await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(1)
+    [aggregator] = [call for call in log.of(moa_stream.CallUsage) if call.role == "aggregator"]
+    assert reply.model == "agg"
+    assert reply.usage is not None
+    assert reply.usage.model_extra == {"cost": pytest.approx(aggregator.cost_usd)}
+    assert reply.usage.prompt_tokens == aggregator.input_tokens
+
+
+async def test_no_cost_is_claimed_when_a_price_is_unknown(wrapped: Wrapped, log: EventLog) -> None:
+    client = wrapped(presets=trio(), prices={"agg": PRICES["agg"]})  # the references' prices: unknown
+    reply = await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    assert reply.usage is not None
+    assert "cost" not in (reply.usage.model_extra or {})

@@ -250,3 +250,30 @@ async def test_progress_events_come_as_for_chat(wrapped: Any, log: EventLog) -> 
     await log.wait_turns(1)
     assert [e.done for e in log.of(moa_stream.ReferenceDone)] == [1, 2, 3]
     assert len(log.of(moa_stream.Aggregating)) == 1
+
+
+async def test_a_responses_turns_answer_names_the_preset_and_carries_the_turns_cost(
+    wrapped: Any, log: EventLog
+) -> None:
+    prices = {
+        name: {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
+        for name in ("ref-a", "ref-b", "ref-c", "agg")
+    }
+    client = wrapped(presets=PRESETS, prices=prices)
+    whole = await client.responses.create(model="moa:trio", input=QUESTION)
+    models = set()
+    async with await client.responses.create(model="moa:trio", input=QUESTION, stream=True) as stream:
+        async for event in stream:
+            response = getattr(event, "response", None)
+            if response is not None:
+                models.add(response.model)
+                if event.type == "response.completed":
+                    last = response
+    await log.wait_turns(2)
+    first, second = sorted(log.of(moa_stream.TurnEnd), key=lambda end: end.started_at)
+    assert whole.model == "moa:trio"
+    assert whole.usage is not None
+    assert whole.usage.model_extra == {"cost": pytest.approx(first.cost_usd)}
+    assert models == {"moa:trio"}
+    assert last.usage is not None
+    assert last.usage.model_extra == {"cost": pytest.approx(second.cost_usd)}
