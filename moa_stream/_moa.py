@@ -15,10 +15,19 @@ import anyio
 import anyio.abc
 
 from ._aggregator import AggregatorStep, slot_payload
+from ._budget import BudgetBreach
 from ._cadence import CachedReferences, user_turn_key
 from ._engine import Engine
 from ._errors import Refusal, error_response
-from ._events import BudgetShort, CallStatus, ReferenceDone, ReferenceStarted, TraceContext
+from ._events import (
+    BudgetShort,
+    CallStatus,
+    MoaDecision,
+    MoaDecisionKind,
+    ReferenceDone,
+    ReferenceStarted,
+    TraceContext,
+)
 from ._facts import MoaFacts, ResponsesRequest
 from ._fanout import run_layer
 from ._holds import Hold
@@ -150,12 +159,18 @@ class MoaTurn(AggregatorStep):
         """A `previous_response_id` with no transcript here (only the aggregator's upstream may hold it)."""
         self.aggregator_hold: Hold | None = None
         self.budget_short: list[BudgetShort] = []
+        self.moa_events: list[MoaDecision] = []
+        """The fan-out's and the budget's decisions, as they are taken (see `TurnTrace.moa_events`)."""
         self.refused_ahead: Refusal | None = None
         self.budgeted = turn.policy is not None or turn.key_id in engine.key_limits or engine.shared_store
         """Some limit may apply: layers reserve their holds ahead (see `_moa_budget`)."""
 
     def seal(self) -> None:
         """No more calls: the turn ends with what it did, and its MoA facts in the trace."""
+        refused = self.turn.refused
+        if refused is not None and not any(event.kind == "budget_refused" for event in self.moa_events):
+            # Refused where no decision of ours was recorded: the aggregator's call (`_aggregator`).
+            self.decided("budget_refused", limit=_refused_by(refused))
         facts = MoaFacts(
             preset=self.name,
             cadence=self.cadence,
@@ -163,8 +178,15 @@ class MoaTurn(AggregatorStep):
             conversation=self.conversation,
             served_id=self.served_id,
             budget_short=self.budget_short,
+            moa_events=list(self.moa_events),
         )
         self.turn.seal(facts)
+
+    def decided(
+        self, kind: MoaDecisionKind, *, layer: int | None = None, label: str | None = None, limit: str | None = None
+    ) -> None:
+        """Record a decision taken now."""
+        self.moa_events.append(MoaDecision(kind=kind, at=time.time(), layer=layer, label=label, limit=limit))
 
     def refuse(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> Any:
         self.turn.fail(message)
@@ -211,12 +233,14 @@ class MoaTurn(AggregatorStep):
                 first = number == 1
                 plan = await plan_layer(turn, preset, layer, self.messages, self.payload, first=first, after=previous)
                 if plan.refused is not None:
+                    self.decided("budget_refused", layer=number, limit=_refused_by(plan.refused))
                     turn.refused = self.refused_ahead = turn.refused or plan.refused
                     return [], [], False, time.perf_counter()
                 self.aggregator_hold = self.aggregator_hold or plan.aggregator
                 holds, left_out = plan.holds, plan.left_out
                 if left_out:
-                    self.budget_short.append(budget_short(preset.on_budget_short, number, plan))
+                    self.budget_short.append(short := budget_short(preset.on_budget_short, number, plan))
+                    self.decided("budget_short", layer=number, limit=short.limit or None)
                     self.engine.emit(short_warning(turn, self.model, preset.on_budget_short, number, plan, len(layer)))
                     layer = [slot for slot in layer if slot.label in holds]
                     if not layer:  # nothing of this layer fits: the layer before it is the last one
@@ -288,7 +312,8 @@ class MoaTurn(AggregatorStep):
                     max_output_tokens=slot.max_tokens,
                     hold=holds.get(slot.label),
                 )
-            except Refusal:
+            except Refusal as refused:
+                self.decided("budget_refused", layer=number, label=slot.label, limit=_refused_by(refused))
                 reference_done(slot.label, "error")  # refused, so never started: progress still adds up
                 return False
             self.engine.emit(
@@ -307,12 +332,25 @@ class MoaTurn(AggregatorStep):
             finally:
                 assert call.usage is not None
                 reference_done(slot.label, call.usage.status)
-            return _usable(call)
+            usable = _usable(call)
+            if not usable and call.usage.status == "completed":  # the text the quorum needs is not there
+                self.decided("reference_unusable", layer=number, label=slot.label)
+            return usable
 
-        allowed_at = await run_layer(
-            len(layer), run_one, quorum=preset.quorum, grace=preset.grace, task_group=stragglers
-        )
-        return calls, allowed_at
+        outcome = await run_layer(len(layer), run_one, quorum=preset.quorum, grace=preset.grace, task_group=stragglers)
+        if outcome.quorum_met_at is not None:
+            met = MoaDecision(
+                kind="quorum_met",
+                at=outcome.quorum_met_at,
+                layer=number,
+                succeeded=outcome.succeeded,
+                total=len(layer),
+                quorum=outcome.quorum,
+            )
+            self.moa_events.append(met)
+        for index in outcome.cancelled:
+            self.decided("reference_cancelled", layer=number, label=layer[index].label)
+        return calls, outcome.allowed_at
 
     async def _read_reference(self, call: Call, upstream: Upstream, payload: dict[str, Any]) -> None:
         """Stream one reference to its end; its call always ends, whatever stops it.
@@ -351,3 +389,10 @@ def _usable(call: Call) -> bool:
 
 def _unusable(status: CallStatus) -> str:
     return "no text in its answer" if status == "completed" else status
+
+
+def _refused_by(refusal: Refusal) -> str:
+    """The limit that refused, as `<scope>.<limit>`; else what refused (an unreachable store)."""
+    if isinstance(refusal, BudgetBreach):
+        return f"{refusal.scope}.{refusal.limit}"
+    return type(refusal).__name__
