@@ -21,7 +21,22 @@ from ._checks import Where, plural, show, typed, unknown_key
 from ._errors import ConfigError
 
 
-class Slot(msgspec.Struct, frozen=True, kw_only=True):
+class _KeywordOnly(type(msgspec.Struct)):  # type: ignore[misc]
+    """A struct whose positional arguments get an error that says so, and names its fields
+    (msgspec's own says only "Extra positional arguments provided")."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            fields = ", ".join(cls.__struct_fields__)
+            first = cls.__struct_fields__[0]
+            raise TypeError(
+                f"{cls.__name__}() takes keyword arguments only, as in {cls.__name__}({first}=...); "
+                f"its fields: {fields}"
+            )
+        return super().__call__(**kwargs)
+
+
+class Slot(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly):
     """One model call in a preset: a reference or the aggregator, with its own request overrides.
 
     A bare string stands for `Slot(model=<string>)`. The slot goes to the wrapped client unless it
@@ -56,7 +71,7 @@ class Slot(msgspec.Struct, frozen=True, kw_only=True):
     API when its upstream has it, else bridged to chat completions (learned from a 404 or 405)."""
 
 
-class SelfMoA(msgspec.Struct, frozen=True, kw_only=True):
+class SelfMoA(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly):
     """Self-MoA shorthand (arXiv:2502.00674): one layer of `n` samples of one model.
 
     The samples differ by seed (1..n unless `seeds` is given) and optionally by temperature and system
@@ -75,7 +90,7 @@ class SelfMoA(msgspec.Struct, frozen=True, kw_only=True):
     """One extra system instruction per sample, or empty for none."""
 
 
-class Preset(msgspec.Struct, frozen=True, kw_only=True):
+class Preset(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly):
     """A Mixture-of-Agents preset: reference layers, an aggregator, and how a turn waits, degrades and caches.
 
     Give exactly one of `references` (one layer), `layers` (several) or `self_moa`, and an
@@ -89,8 +104,9 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     """A single layer of reference slots (a string is `Slot(model=<string>)`)."""
     layers: Sequence[Sequence[Slot | str]] = []
     """Several layers of reference slots; each layer sees the answers of the one before."""
-    self_moa: SelfMoA | None = None
-    """The Self-MoA shorthand for one layer of samples of one model."""
+    self_moa: SelfMoA | Sequence[Slot] | None = None
+    """The Self-MoA shorthand for one layer of samples of one model: a `SelfMoA`, or the samples
+    `moa_stream.self_moa()` makes (the same as giving them as `references`)."""
     aggregator: Slot | str | None = None
     """The model that synthesizes the last layer's answers into the reply the caller sees (required)."""
     quorum: int | None = None
@@ -120,8 +136,8 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     cadence: Literal["per_user_turn", "per_call", "every_n"] = "per_user_turn"
     """When references run in an agent loop: once per user turn, on every call, or every `every_n` calls;
     in between the aggregator gets the cached reference block."""
-    every_n: int = 2
-    """The interval for cadence `every_n` (>= 1)."""
+    every_n: int | None = None
+    """The interval for cadence `every_n` (>= 1): required with it, refused with any other."""
     usage: Literal["turn", "aggregator"] = "turn"
     """What the caller's final usage chunk reports: the whole turn, or the aggregator call alone."""
     tool_result_chars: int = 2000
@@ -229,6 +245,8 @@ def _is_given(value: object) -> bool:
 
 
 def _check_self_moa(scope: Where, value: object) -> list[Slot]:
+    if isinstance(value, list | tuple) and value and all(isinstance(slot, Slot) for slot in value):
+        return _slot_list(scope, "self_moa", value)  # what `self_moa()` returns: its samples as slots
     if not isinstance(value, SelfMoA):
         raise scope.error("self_moa", f"expected a SelfMoA (a table with model and n), got {show(value)}")
     fields = {name: typed(scope, f"self_moa.{name}", getattr(value, name), tp) for name, tp in _SELF_MOA_TYPES.items()}
@@ -326,8 +344,12 @@ def _check_scalars(scope: Where, preset: Preset, layers: list[list[tuple[str, Sl
     for name in ("reference_timeout", "cache_ttl_s"):
         if not values[name] > 0:
             raise scope.error(name, f"must be > 0, got {values[name]!r}")
+    if values["cadence"] == "every_n" and values["every_n"] is None:
+        raise scope.error("every_n", "is required with cadence 'every_n' (the calls between reruns)")
+    if values["cadence"] != "every_n" and values["every_n"] is not None:
+        raise scope.error("every_n", f"is only used with cadence 'every_n', not {values['cadence']!r}")
     for name, least in (("every_n", 1), ("tool_result_chars", 100), ("cache_entries", 1), ("aggregator_retries", 0)):
-        if values[name] < least:
+        if values[name] is not None and values[name] < least:
             raise scope.error(name, f"must be >= {least}, got {values[name]!r}")
     if values["template"] is not None:
         _check_template(scope, values["template"])

@@ -469,7 +469,7 @@ def test_empty_model_names_are_refused(fields: dict[str, Any], field: str, value
         ({"cache_ttl_s": 0.0}, "cache_ttl_s", "got 0.0"),
         ({"grace": -0.5}, "grace", "must be >= 0, got -0.5"),
         ({"grace": math.nan}, "grace", "got nan"),
-        ({"every_n": 0}, "every_n", "must be >= 1, got 0"),
+        ({"cadence": "every_n", "every_n": 0}, "every_n", "must be >= 1, got 0"),
         ({"tool_result_chars": 99}, "tool_result_chars", "must be >= 100, got 99"),
         ({"cache_entries": 0}, "cache_entries", "must be >= 1, got 0"),
     ],
@@ -623,3 +623,26 @@ def test_the_first_error_is_reported() -> None:
     error = invalid(references=["moa:x"], grace=-1.0)
     assert "references[0].model" in str(error)
     assert "grace" not in str(error)
+
+
+def test_cadence_every_n_needs_its_interval_and_only_it_takes_one() -> None:
+    with pytest.raises(ConfigError, match=r"field 'every_n': is required with cadence 'every_n'"):
+        validate_presets({"trio": Preset(**REFS, cadence="every_n")})
+    with pytest.raises(ConfigError, match=r"field 'every_n': is only used with cadence 'every_n', not 'per_call'"):
+        validate_presets({"trio": Preset(**REFS, cadence="per_call", every_n=3)})
+
+
+def test_a_slot_given_positionally_says_its_fields_are_keyword_only() -> None:
+    with pytest.raises(TypeError) as error:
+        Slot("gpt-4o", "main")  # type: ignore[misc]
+    assert str(error.value) == (
+        "Slot() takes keyword arguments only, as in Slot(model=...); its fields: model, label, client, base_url, "
+        "api_key_env, system, temperature, max_tokens, seed, extra, api"
+    )
+    with pytest.raises(TypeError, match=r"^Preset\(\) takes keyword arguments only"):
+        Preset(["a", "b"])  # type: ignore[misc]
+
+
+def test_the_samples_self_moa_makes_are_a_presets_self_moa() -> None:
+    preset = validate_presets({"self": Preset(self_moa=self_moa("m", 3), aggregator="agg")})["self"]
+    assert preset.reference_layers() == [self_moa("m", 3)]
