@@ -90,7 +90,7 @@ async def test_list_reads_one_file(
 async def test_list_shows_a_refused_turn_as_refused_with_its_reason(
     refusing: openai.AsyncOpenAI, trace_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "400")  # the reason is cut to the terminal's width
+    monkeypatch.setenv("COLUMNS", "400")  # the reason is cut to the terminal's width (never to less than 30)
     with moa_stream.session("alice"):
         await direct_turn(refusing, "m1")
         await refused_turn(refusing, "m2")
@@ -104,6 +104,11 @@ async def test_list_shows_a_refused_turn_as_refused_with_its_reason(
     assert line.split()[6:9] == ["0", "0", "0"]  # calls, input, output
     assert line.endswith(refused.end.error)
     assert "2 turns (1 refused) in 1 file" in out
+    monkeypatch.setenv("COLUMNS", "100")
+    assert traces("list", trace_dir) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith(refused.turn_id[:12])]
+    assert line.endswith("\N{HORIZONTAL ELLIPSIS}")
+    assert refused.end.error.startswith(line.split("  ")[-1][:-1])
 
 
 async def test_list_session_filter_keeps_that_sessions_turns(

@@ -7,7 +7,7 @@ import datetime
 import shutil
 from typing import TextIO
 
-from ._text import cut, plural, usd
+from ._text import cut, plural, printable, usd
 from ._trace_json import envelope, turn_json, write_json
 from ._trace_select import Gathered, Turn, gather, no_turns, reason, refused
 
@@ -26,7 +26,8 @@ def list_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         document["turns"] = [turn_json(turn) for turn in gathered.turns]
         write_json(document, out)
     elif gathered.turns:
-        width = max(80, shutil.get_terminal_size((120, 24)).columns)
+        # Not a terminal (a pipe, a file) and no $COLUMNS: 0, the reasons are not cut, for grep.
+        width = shutil.get_terminal_size((0, 24)).columns
         out.write("\n".join([*_table(gathered.turns, width), "", _footer(gathered)]) + "\n")
     else:
         out.write(no_turns(gathered, since, sessions) + "\n")
@@ -38,12 +39,13 @@ _LEFT = {"turn", "started (UTC)", "session", "model", "status"}
 
 
 def _table(turns: list[Turn], width: int) -> list[str]:
+    """The rows, the reasons cut to `width` (0: not cut)."""
     id_width = _id_width([turn.record.turn_id for turn in turns])
     rows = [_HEADER] + [_row(turn, id_width) for turn in turns]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
     reasons = [""] + [reason(turn.record) or "" for turn in turns]
     used = sum(widths) + 2 * len(widths)
-    room = max(_MIN_REASON, width - used)
+    room = max(_MIN_REASON, width - used) if width else None
     lines = []
     for row, why in zip(rows, reasons, strict=True):
         cells = [
@@ -51,7 +53,7 @@ def _table(turns: list[Turn], width: int) -> list[str]:
             for name, cell, w in zip(_HEADER, row, widths, strict=True)
         ]
         if any(reasons):
-            cells.append("reason" if row is _HEADER else cut(why, room))
+            cells.append("reason" if row is _HEADER else cut(why, room) if room else printable(why))
         lines.append("  ".join(cells).rstrip())
     return lines
 

@@ -97,7 +97,8 @@ def gather(
     A file that cannot be read is bad input when it was named; in a directory it is reported on `err`
     and skipped, and `Gathered.skipped` says so.
     """
-    if path.is_dir():
+    is_directory = path.is_dir()
+    if is_directory:
         try:
             files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
         except OSError as exc:
@@ -114,7 +115,7 @@ def gather(
         try:
             records = load(file, err)
         except BadInput as exc:
-            if not path.is_dir():
+            if not is_directory:
                 raise
             print(f"{PROG}: {exc} (file skipped)", file=err)
             skipped.append((file, str(exc)))
@@ -130,7 +131,7 @@ def gather(
     ]
     # Newest last, by start: concurrent turns are written when they end, so file order is not time order.
     turns.sort(key=lambda turn: (_started(turn.record), str(turn.path), turn.index))
-    return Gathered(path, path.is_dir(), turns, len(files) - len(skipped), skipped, read)
+    return Gathered(path, is_directory, turns, len(files) - len(skipped), skipped, read)
 
 
 def _started(record: TurnTrace) -> float:
