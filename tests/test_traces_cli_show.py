@@ -92,6 +92,8 @@ async def test_show_prints_why_a_refused_turn_was_refused(
     assert traces("show", trace_dir, "--last") == 0
     out = capsys.readouterr().out
     assert "status   error (refused: no call was sent)  (0 calls)" in out
+    assert "model    moa:duo  (preset duo)\n" in out  # not the cadence it would have had: nothing ran
+    assert out.endswith("-\nnone ran: the turn was refused\n")
     [reason] = [line for line in out.split("\n") if line.startswith("reason   ")]
     following = out.split(reason)[1].split("\ntokens")[0]  # the reason wraps under itself
     assert " ".join((reason.removeprefix("reason") + following).split()) == refused.end.error

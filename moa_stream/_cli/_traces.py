@@ -175,17 +175,16 @@ def _find(gathered: Gathered, prefix: str) -> Turn:
 
 def render_turn(record: TurnTrace, width: int, lines: int) -> list[str]:
     end = record.end
+    was_refused = refused(record)
     model = record.model
     if record.preset is not None:
         model += f"  (preset {record.preset}"
-        if record.cadence is not None:
+        # A refused turn records the cadence it would have had; nothing was reused or run.
+        if record.cadence is not None and not was_refused:
             model += ", references " + ("reused: cadence hit" if record.cadence == "hit" else "run: cadence miss")
         model += ")"
     failed = f", {end.failed_calls} failed" if end.failed_calls else ""
-    status: str = end.status
-    if refused(record):
-        status += " (refused: no call was sent)"
-
+    status: str = end.status + (" (refused: no call was sent)" if was_refused else "")
     timing = [f"started {when(end.started_at)}", f"ttft {secs(end.ttft_s)}", f"took {secs(end.duration_s)}"]
     if record.aggregator_wait_s is not None:
         timing.append(f"aggregator waited {secs(record.aggregator_wait_s)}")
@@ -223,6 +222,9 @@ def render_turn(record: TurnTrace, width: int, lines: int) -> list[str]:
         if references:
             text.append(_rule(f"references ({len(references)})", width))
             text.extend(_side_by_side(references, width, lines))
+        elif was_refused:
+            text.append(_rule("references", width))
+            text.append("none ran: the turn was refused")
         elif record.cadence == "hit":
             text.append(_rule("references", width))
             text.append("reused from an earlier call of the same user turn (not part of this turn)")
