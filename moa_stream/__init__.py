@@ -39,6 +39,7 @@ from ._ledger import SessionStateError
 from ._moa import MOA_PREFIX
 from ._presets import Preset, SelfMoA, Slot, self_moa, validate_presets
 from ._pricing import ModelPrice, PriceTable
+from ._print import print_events
 from ._session import SESSION_HEADER, current_session, sanitize_session_id, session
 from ._sidecar import SessionLedger
 from ._store import SessionState, StoreConfig
@@ -91,6 +92,7 @@ __all__ = [
     "flush",
     "load_budget",
     "load_config",
+    "print_events",
     "read_traces",
     "sanitize_session_id",
     "self_moa",

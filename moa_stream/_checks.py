@@ -95,3 +95,18 @@ def check_table_keys(
     for key in required:
         if key not in table:
             raise scope.error(f"{field}.{key}", "missing")
+
+
+class KeywordOnly(type(msgspec.Struct)):  # type: ignore[misc]
+    """A struct whose positional arguments get an error that says so, and names its fields
+    (msgspec's own says only "Extra positional arguments provided")."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            fields = ", ".join(cls.__struct_fields__)
+            first = cls.__struct_fields__[0]
+            raise TypeError(
+                f"{cls.__name__}() takes keyword arguments only, as in {cls.__name__}({first}=...); "
+                f"its fields: {fields}"
+            )
+        return super().__call__(**kwargs)

@@ -17,26 +17,11 @@ from typing import Any, Literal
 
 import msgspec
 
-from ._checks import Where, plural, show, typed, unknown_key
+from ._checks import KeywordOnly, Where, plural, show, typed, unknown_key
 from ._errors import ConfigError
 
 
-class _KeywordOnly(type(msgspec.Struct)):  # type: ignore[misc]
-    """A struct whose positional arguments get an error that says so, and names its fields
-    (msgspec's own says only "Extra positional arguments provided")."""
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        if args:
-            fields = ", ".join(cls.__struct_fields__)
-            first = cls.__struct_fields__[0]
-            raise TypeError(
-                f"{cls.__name__}() takes keyword arguments only, as in {cls.__name__}({first}=...); "
-                f"its fields: {fields}"
-            )
-        return super().__call__(**kwargs)
-
-
-class Slot(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly):
+class Slot(msgspec.Struct, frozen=True, kw_only=True, metaclass=KeywordOnly):
     """One model call in a preset: a reference or the aggregator, with its own request overrides.
 
     A bare string stands for `Slot(model=<string>)`. The slot goes to the wrapped client unless it
@@ -71,7 +56,7 @@ class Slot(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly):
     API when its upstream has it, else bridged to chat completions (learned from a 404 or 405)."""
 
 
-class SelfMoA(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly):
+class SelfMoA(msgspec.Struct, frozen=True, kw_only=True, metaclass=KeywordOnly):
     """Self-MoA shorthand (arXiv:2502.00674): one layer of `n` samples of one model.
 
     The samples differ by seed (1..n unless `seeds` is given) and optionally by temperature and system
@@ -90,7 +75,7 @@ class SelfMoA(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly)
     """One extra system instruction per sample, or empty for none."""
 
 
-class Preset(msgspec.Struct, frozen=True, kw_only=True, metaclass=_KeywordOnly):
+class Preset(msgspec.Struct, frozen=True, kw_only=True, metaclass=KeywordOnly):
     """A Mixture-of-Agents preset: reference layers, an aggregator, and how a turn waits, degrades and caches.
 
     Give exactly one of `references` (one layer), `layers` (several) or `self_moa`, and an
