@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 import moa_stream
 from moa_stream import Preset
 from moa_stream._otel import OTelSink, error_type, provider_name
+from moa_stream._otel_attrs import server_port
 from moa_stream.testing import Fault, SimModel, Simulator
 
 from .conftest import EventLog
@@ -151,7 +152,7 @@ async def test_client_spans_carry_the_genai_attributes_of_their_call(
         assert (span.start_time, span.end_time) == (ns(usage.started_at), ns(usage.started_at) + ns(usage.duration_s))
         expected = {
             "gen_ai.operation.name": "chat",
-            "gen_ai.provider.name": usage.provider,  # not a well-known host: reported as it is
+            "gen_ai.provider.name": "openai",  # not a well-known host: the client library's provider
             "gen_ai.request.model": usage.model,
             "gen_ai.response.model": usage.model,
             "gen_ai.request.stream": True,  # references and aggregator are always streamed
@@ -306,7 +307,7 @@ async def test_metrics_record_tokens_duration_and_time_to_first_chunk(
     assert tokens["output"].sum == (streamed.output_tokens or 0) + (whole.output_tokens or 0)
     assert dict(tokens["input"].attributes or {}) == {
         "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": streamed.provider,
+        "gen_ai.provider.name": "openai",
         "gen_ai.request.model": "m1",
         "gen_ai.response.model": "m1",
         "server.address": streamed.provider,
@@ -405,10 +406,28 @@ def turn_of(*usages: moa_stream.CallUsage, preset: str | None = None, **end_fiel
     )
 
 
-def test_openai_host_is_the_openai_provider() -> None:
-    assert provider_name("api.openai.com") == "openai"
-    assert provider_name("myres.openai.azure.com") == "azure.ai.openai"
-    assert provider_name("127.0.0.1") == "127.0.0.1"
+@pytest.mark.parametrize(
+    ("host", "provider", "port"),
+    [
+        ("api.openai.com", "openai", 443),
+        ("myres.openai.azure.com", "azure.ai.openai", 443),
+        ("myres.cognitiveservices.azure.com", "azure.ai.openai", 443),
+        ("API.Anthropic.com.", "anthropic", 443),
+        ("api.groq.com", "groq", 443),
+        ("generativelanguage.googleapis.com", "gcp.gemini", 443),
+        ("europe-west4-aiplatform.googleapis.com", "gcp.vertex_ai", 443),
+        # vLLM, llama.cpp, gateways, the simulator: OpenAI's API through OpenAI's client library
+        ("127.0.0.1", "openai", None),
+        ("vllm.internal", "openai", None),
+        ("openrouter.ai", "openai", None),
+        ("api.moonshot.ai", "openai", None),  # not one of the conventions' well-known values
+    ],
+)
+def test_provider_name_is_the_well_known_value_of_the_host_else_openai(
+    host: str, provider: str, port: int | None
+) -> None:
+    assert provider_name(host) == provider
+    assert server_port(host) == port
 
 
 @pytest.mark.parametrize(
