@@ -70,7 +70,7 @@ from ._otel_attrs import (
     text,
     total,
 )
-from ._otel_content import input_messages, output_messages
+from ._otel_content import input_messages, output_messages, system_instructions
 from ._otel_events import moa_span_events
 
 __all__ = ["OTelSink", "error_type", "provider_name"]
@@ -302,6 +302,7 @@ class OTelSink:
         if self._capture_content:
             put(attributes, "gen_ai.input.messages", input_messages(call))
             put(attributes, "gen_ai.output.messages", output_messages(call))
+            put(attributes, "gen_ai.system_instructions", system_instructions(call))
 
         start_ns, end_ns = interval(usage.started_at, usage.duration_s)
         span = self._tracer.start_span(

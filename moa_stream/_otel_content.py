@@ -3,11 +3,10 @@ GenAI conventions' JSON shape (`gen_ai.input.messages`, `gen_ai.output.messages`
 (span attributes hold no nested maps).
 
 Content comes from the trace record, which went through the client's `redact=` (and the scrubbing
-of credentials) before any sink saw it. What that redaction does not reach is left out, never sent
-as it was: a refusal part of an input message, and in Responses API input items, the arguments of a
-`function_call`, the output of a `function_call_output` and a `reasoning` item's summary. The same
-holds for a Responses request's `instructions`, so there is no `gen_ai.system_instructions` yet
-(for chat completions, system messages are part of the chat history and stay in the input).
+of credentials) before any sink saw it: message texts, refusals, tool arguments and results, a
+Responses request's `instructions` (`gen_ai.system_instructions`; for chat completions, system
+messages are part of the chat history and stay in the input). Parts redaction does not read
+(audio, files) are named by their type only.
 """
 
 from __future__ import annotations
@@ -70,13 +69,16 @@ def _input_message(item: object) -> dict[str, Any] | None:
     if not isinstance(item, dict):
         return None
     kind = item.get("type")
-    if kind == "function_call":  # a Responses tool call: its arguments are not redacted, so left out
+    if kind == "function_call":  # a Responses tool call
+        call = {"type": "tool_call", "id": item.get("call_id"), "name": text(item.get("name"))}
+        return {"role": "assistant", "parts": [{**call, "arguments": _arguments(item.get("arguments"))}]}
+    if kind == "function_call_output":
+        output = item.get("output")
+        response = output if isinstance(output, str) else None
         return {
-            "role": "assistant",
-            "parts": [{"type": "tool_call", "id": item.get("call_id"), "name": text(item.get("name"))}],
+            "role": "tool",
+            "parts": [{"type": "tool_call_response", "id": item.get("call_id"), "response": response}],
         }
-    if kind == "function_call_output":  # its output is not redacted either
-        return {"role": "tool", "parts": [{"type": "tool_call_response", "id": item.get("call_id"), "response": None}]}
     role = item.get("role")
     if not isinstance(role, str):
         return {"role": "assistant", "parts": [{"type": text(kind) or "unknown"}]}  # reasoning and other items
@@ -114,9 +116,11 @@ def _parts(content: object) -> list[dict[str, Any]]:
         kind = text(part.get("type"))
         if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
             parts.append({"type": "text", "content": part["text"]})
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            parts.append({"type": "text", "content": part["refusal"]})
         elif kind in ("image_url", "input_image"):
             parts.append(_image(part))
-        else:  # a refusal's text is not redacted; audio, files: named by their type only
+        else:  # audio, files: named by their type only
             parts.append({"type": kind or "unknown"})
     return parts
 
@@ -152,3 +156,10 @@ def _arguments(arguments: object) -> object:
 
 def _items(value: object) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else []
+
+
+def system_instructions(call: CallRecord) -> str | None:
+    """`gen_ai.system_instructions` for a Responses call's `instructions` (redacted), else None."""
+    if not call.instructions:
+        return None
+    return _encoder.encode([{"type": "text", "content": call.instructions}]).decode()

@@ -57,6 +57,7 @@ def _record(record: CallRecord, redactor: Redactor) -> CallRecord:
     output = record.output
     return msgspec.structs.replace(
         record,
+        instructions=None if record.instructions is None else redactor(record.instructions),
         input_messages=[_message(m, redactor) for m in record.input_messages],
         output=CallOutput(
             text=redactor(output.text),
@@ -82,13 +83,25 @@ def _message(message: Any, redactor: Redactor) -> Any:
     calls = copy.get("tool_calls")
     if isinstance(calls, list):
         copy["tool_calls"] = [_tool_call(call, redactor) for call in calls]
+    # Responses API items: a function call's arguments, a tool result's output, a reasoning
+    # item's summary.
+    for key in ("arguments", "output"):
+        if isinstance(copy.get(key), str):
+            copy[key] = redactor(copy[key])
+    summary = copy.get("summary")
+    if isinstance(summary, list):
+        copy["summary"] = [_part(part, redactor) for part in summary]
     return copy
 
 
 def _part(part: Any, redactor: Redactor) -> Any:
-    if isinstance(part, dict) and isinstance(part.get("text"), str):
-        return {**part, "text": redactor(part["text"])}
-    return part
+    if not isinstance(part, dict):
+        return part
+    copy = dict(part)
+    for key in ("text", "refusal"):  # text, input_text, output_text parts; refusal parts
+        if isinstance(copy.get(key), str):
+            copy[key] = redactor(copy[key])
+    return copy
 
 
 def _tool_call(call: Any, redactor: Redactor) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -153,30 +154,36 @@ async def test_captured_content_is_always_after_redaction(wrapped: Wrapped, log:
     assert exported.count("[REDACTED]") == 4
 
 
-async def test_responses_content_that_redaction_misses_is_left_out(
-    wrapped: Wrapped, log: EventLog, otel: Telemetry
+async def test_responses_content_is_captured_after_redaction_too(
+    wrapped: Wrapped, log: EventLog, otel: Telemetry, tmp_path: Path
 ) -> None:
-    client = wrapped(redact=[r"SECRET-\d"], sinks=[log, otel.sink])
-    await client.responses.create(
-        model="m1",
-        instructions="SECRET-1 instructions",
-        input=[
-            {"role": "user", "content": [{"type": "input_text", "text": "weather SECRET-2?"}]},
-            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"k": "SECRET-3"}'},
-            {"type": "function_call_output", "call_id": "c1", "output": "SECRET-4"},
-        ],
-    )
+    client = wrapped(redact=[r"SECRET-\d"], sinks=[log, otel.sink], trace_dir=tmp_path)
+    with moa_stream.session("r"):
+        await client.responses.create(
+            model="m1",
+            instructions="SECRET-1 instructions",
+            input=[
+                {"role": "user", "content": [{"type": "input_text", "text": "weather SECRET-2?"}]},
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"k": "SECRET-3"}'},
+                {"type": "function_call_output", "call_id": "c1", "output": "SECRET-4"},
+            ],
+        )
     await moa_stream.flush(client)
     [span] = otel.spans()
     assert "SECRET" not in json.dumps(attrs(span))
     assert content(span, "gen_ai.input.messages") == [
         {"role": "user", "parts": [{"type": "text", "content": "weather [REDACTED]?"}]},
-        {"role": "assistant", "parts": [{"type": "tool_call", "id": "c1", "name": "get_weather"}]},
-        {"role": "tool", "parts": [{"type": "tool_call_response", "id": "c1", "response": None}]},
+        {
+            "role": "assistant",
+            "parts": [{"type": "tool_call", "id": "c1", "name": "get_weather", "arguments": {"k": "[REDACTED]"}}],
+        },
+        {"role": "tool", "parts": [{"type": "tool_call_response", "id": "c1", "response": "[REDACTED]"}]},
     ]
-    assert "gen_ai.system_instructions" not in attrs(span)
+    assert content(span, "gen_ai.system_instructions") == [{"type": "text", "content": "[REDACTED] instructions"}]
     [said] = content(span, "gen_ai.output.messages")
     assert (said["role"], said["finish_reason"], said["parts"][0]["type"]) == ("assistant", "stop", "text")
+    # the trace file holds the same redacted copy
+    assert "SECRET" not in (tmp_path / "r.jsonl").read_text()
 
 
 async def test_a_call_with_no_answer_has_input_and_no_output(wrapped: Wrapped, log: EventLog, otel: Telemetry) -> None:

@@ -160,3 +160,35 @@ async def test_credentials_echoed_by_an_upstream_error_appear_in_no_event_trace_
     assert all("[REDACTED]" in e for e in errors if e)  # the rest of the reason is kept
     for text in written:
         assert SENTINEL not in text
+
+
+def test_redaction_reaches_every_text_of_a_responses_request() -> None:
+    from moa_stream._events import CallRecord, CallUsage, TurnEnd, TurnTrace
+    from moa_stream._redact import redact_trace
+
+    usage = CallUsage(call_id="c", turn_id="t", session_id="s", role="direct", label="m", model="m", provider="p",
+                      started_at=0.0, duration_s=0.0, status="completed")  # fmt: skip
+    record = CallRecord(
+        call_id="c",
+        role="direct",
+        label="m",
+        model="m",
+        provider="p",
+        input_messages=[
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "no SECRET-1"}]},
+            {"type": "function_call", "call_id": "x", "name": "f", "arguments": '{"q": "SECRET-2"}'},
+            {"type": "function_call_output", "call_id": "x", "output": "SECRET-3"},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "SECRET-4"}]},
+        ],
+        output=moa_stream.CallOutput(text="fine"),
+        output_source="inline",
+        usage=usage,
+        instructions="be SECRET-5",
+    )
+    end = TurnEnd(turn_id="t", session_id="s", model="m", calls=1, failed_calls=0, input_tokens=0,
+                  cached_input_tokens=0, output_tokens=0, reasoning_tokens=0, usage_complete=True, cost_usd=0.0,
+                  cost_complete=True, started_at=0.0, duration_s=0.0, status="completed")  # fmt: skip
+    trace = TurnTrace(turn_id="t", session_id="s", model="m", calls=[record], end=end)
+    redacted = redact_trace(trace, lambda text: text.replace("SECRET", "[X]"))
+    assert "SECRET" not in moa_stream.event_encoder.encode(redacted).decode()
+    assert redacted.calls[0].instructions == "be [X]-5"
