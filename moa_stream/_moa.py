@@ -217,7 +217,9 @@ class MoaTurn(AggregatorStep):
         key = None if preset.cadence == "per_call" else user_turn_key(self.name, turn.session_id, self.messages)
         if key is not None:
             cached = await cache.get(key, every_n=preset.every_n if preset.cadence == "every_n" else None)
-            if cached is not None:
+            # Only the next call of a tool loop (tool results appended to the cached user turn) reuses
+            # them: the same request again (a "regenerate") gets fresh references.
+            if cached is not None and (len(self.messages) > cached.transcript_length or preset.cache_repeats):
                 self.cadence = "hit"
                 stale = len(self.messages) > cached.transcript_length
                 return list(cached.references), list(cached.missing), stale, time.perf_counter()

@@ -121,6 +121,9 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True, metaclass=KeywordOnly):
     cadence: Literal["per_user_turn", "per_call", "every_n"] = "per_user_turn"
     """When references run in an agent loop: once per user turn, on every call, or every `every_n` calls;
     in between the aggregator gets the cached reference block."""
+    cache_repeats: bool = False
+    """True: a request identical to a cached user turn (a "regenerate") reuses its references too;
+    by default only a call that extends it with tool results does."""
     every_n: int | None = None
     """The interval for cadence `every_n` (>= 1): required with it, refused with any other."""
     usage: Literal["turn", "aggregator"] = "turn"

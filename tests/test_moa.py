@@ -263,12 +263,42 @@ async def test_cadence_per_call_always_reruns(wrapped: Wrapped, log: EventLog) -
     assert [t.cadence for t in log.of(moa_stream.TurnTrace)] == ["miss", "miss"]
 
 
+def tool_steps(count: int) -> list[list[Any]]:
+    """The transcripts of one user turn's tool loop: the question, then each tool call and result."""
+    messages: list[Any] = list(USER)
+    steps = [list(messages)]
+    for step in range(1, count):
+        call = {"id": f"call_{step}", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{step}", "content": "sunny"},
+        ]
+        steps.append(list(messages))
+    return steps
+
+
 async def test_cadence_every_n_reruns_on_the_nth_call(wrapped: Wrapped, log: EventLog) -> None:
     client = wrapped(presets=trio(cadence="every_n", every_n=2))
-    for _ in range(4):
-        await client.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
-    await log.wait_turns(4)
+    for messages in tool_steps(4):
+        await client.chat.completions.create(model="moa:trio", messages=messages)
+        await log.wait_turns(len(log.of(moa_stream.TurnTrace)) + 1)
     assert [t.cadence for t in log.of(moa_stream.TurnTrace)] == ["miss", "hit", "miss", "hit"]
+
+
+async def test_the_same_request_again_gets_fresh_references_unless_the_preset_reuses_repeats(
+    wrapped: Wrapped, log: EventLog, sim: Simulator
+) -> None:
+    fresh = wrapped(presets=trio())
+    for _ in range(2):  # a "regenerate" is not a tool loop
+        await fresh.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(2)
+    assert [t.cadence for t in log.of(moa_stream.TurnTrace)] == ["miss", "miss"]
+    assert sim.stats.requests_by_model["ref-a"] == 2
+    reusing = wrapped(presets=trio(cache_repeats=True))
+    for _ in range(2):
+        await reusing.chat.completions.create(model="moa:trio", messages=USER)  # type: ignore[arg-type]
+    await log.wait_turns(4)
+    assert [t.cadence for t in log.of(moa_stream.TurnTrace)][2:] == ["miss", "hit"]
 
 
 async def test_slot_with_its_own_client_calls_that_upstream(wrapped: Wrapped, log: EventLog, sim: Simulator) -> None:
