@@ -147,6 +147,41 @@ async def test_models_lists_the_presets_then_the_upstreams_models(serve: Serve) 
     assert {"sim-small", "sim-large", "sim-long"} <= set(ids[1:])
 
 
+def root(server: Server) -> str:
+    return server.base_url.removesuffix("/v1")
+
+
+async def test_health_answers_ok_with_the_version_and_no_token(serve: Serve, sim: Simulator, log: EventLog) -> None:
+    async with serve(token=TOKEN) as server, raw(server) as http:
+        response = await http.get(f"{root(server)}/health")
+        refused = await http.get("models")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"status": "ok", "version": moa_stream.__version__, "store": "memory"}
+    assert refused.status_code == 401  # the token is still needed everywhere else
+    assert sim.stats.requests == 0  # nothing went upstream
+    assert log.events == []
+
+
+async def test_health_says_the_store_is_shared_without_asking_it(tmp_path: Path) -> None:
+    pytest.importorskip("redis")
+    # Nothing listens on port 9: an answer proves that /health never waits on the store.
+    client = moa_stream.wrap(sim_client(max_retries=0), presets=PRESETS, store="redis://127.0.0.1:9/0")
+    async with Server(create_app(client), port=0, graceful_timeout=5) as server, raw(server) as http:
+        response = await http.get(f"{root(server)}/health")
+    assert response.json() == {"status": "ok", "version": moa_stream.__version__, "store": "shared"}
+
+
+def test_serve_help_documents_the_health_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="moa-stream")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert 'GET /health answers 200 {"status": "ok", "version":' in text
+    assert "no token needed" in text
+
+
 async def test_session_header_reaches_the_library(serve: Serve, log: EventLog, tmp_path: Path) -> None:
     async with serve() as server, caller(server) as client:
         await client.chat.completions.create(**CHAT, extra_headers={"X-MoA-Session": "team-a"})

@@ -1,5 +1,5 @@
 """The app of `moa-stream serve`: chat and Responses requests forwarded through one wrapped client, the
-answer relayed as the upstream sent it, and the presets listed beside the upstream's models."""
+answer relayed as the upstream sent it, the presets listed beside the upstream's models, and `/health`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .._errors import error_json
 from .._moa import MOA_PREFIX
 from .._sdk import find_engine
 from .._session import KEY_HEADER, SESSION_HEADER
+from .._version import __version__
 from .._wire import any_decoder, json_encoder
 from .._wrap import _engine_of
 from ._asgi import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_PER_CLIENT, Limits, Reply, error_reply
@@ -61,6 +62,10 @@ class _Endpoints:
         self.client = client
         self.presets = preset_names(client)
         self.limits = limits
+        # Known at construction and never changing: /health answers from memory, without a round trip.
+        self._health = json_encoder.encode(
+            {"status": "ok", "version": __version__, "store": "shared" if _engine_of(client).shared_store else "memory"}
+        )
         self._max_body_bytes = max_body_bytes
         self._keys = keys
         self._namespaced = namespaced
@@ -166,6 +171,11 @@ class _Endpoints:
     def _forward(self, caller: _Caller, outgoing: Outgoing) -> Forward:
         return Forward(self.client, outgoing, limits=self.limits, key=caller.limit_key)
 
+    async def health(self, request: Request) -> Reply:
+        """200 while the server serves: for load balancers and orchestrators, so no token is asked for
+        and nothing is sent upstream or to the store (their outages show on the calls themselves)."""
+        return Reply(200, self._health, headers={"cache-control": "no-store"})
+
     async def models(self, request: Request) -> Reply:
         caller = self._caller(request)
         if isinstance(caller, Reply):
@@ -237,7 +247,8 @@ def create_app(
     max_concurrent_per_client: int = DEFAULT_MAX_CONCURRENT_PER_CLIENT,
 ) -> Starlette:
     """An ASGI app serving `/v1/chat/completions`, `/v1/responses` (create, and retrieve and cancel by id)
-    and `/v1/models` through `client` (from `wrap()`).
+    and `/v1/models` through `client` (from `wrap()`), and `GET /health`: 200 with
+    `{"status": "ok", "version": ..., "store": "memory" | "shared"}`, without a token.
 
     With `token`, every request needs `Authorization: Bearer <token>` (401 otherwise). With `keys` instead,
     it needs the token of one of the ring's keys: the request's session `s` (its `X-MoA-Session`, else
@@ -293,6 +304,7 @@ def create_app(
             Route("/v1/responses/{response_id}", endpoints.retrieve_response, methods=["GET"]),
             Route("/v1/responses/{response_id}/cancel", endpoints.cancel_response, methods=["POST"]),
             Route("/v1/models", endpoints.models, methods=["GET"]),
+            Route("/health", endpoints.health, methods=["GET"]),
         ],
         exception_handlers={HTTPException: route_error},
         lifespan=lifespan,

@@ -50,7 +50,11 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         description=(
             "Serve /v1/chat/completions and /v1/responses (SSE and JSON; retrieve and cancel by id too) and\n"
             "/v1/models: the presets as moa:<name> plus the upstream's models, every call metered. Needs the\n"
-            "server extra: pip install 'moa-stream[server]'."
+            "server extra: pip install 'moa-stream[server]'.\n"
+            "\n"
+            'GET /health answers 200 {"status": "ok", "version": "<moa-stream version>", "store": "memory"\n'
+            'or "shared"} while the server runs, for load balancers: no token needed, and nothing is asked of\n'
+            "the upstream or the store (their outages show as errors on the calls)."
         ),
         epilog=_KEYS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
