@@ -29,7 +29,9 @@ import moa_stream
 from moa_stream._sdk import default_http_module
 from moa_stream.testing import SimModel
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Relative, so in the working directory: results are the user's files, never written into the
+# source tree or the installed package (`moa-stream bench` has the same default).
+RESULTS_DIR = Path("moa-stream-bench")
 
 # -- the simulator in a subprocess ------------------------------------------------------------------
 

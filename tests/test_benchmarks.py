@@ -3,12 +3,12 @@ output is written, and `moa-stream bench` runs. Functional only: no figure is ju
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import json
 import subprocess
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks import calls, chunks, concurrency, fanout, responses, sinks, store, suite
 from benchmarks._common import (
+    RESULTS_DIR,
     Config,
     EventKey,
     SectionResult,
@@ -320,31 +321,31 @@ def test_helpers_rotate_and_take_percentiles() -> None:
     assert (percentile(values, 0.5), percentile(values, 0.99), percentile(values, 1.0)) == (51.0, 99.0, 100.0)
 
 
-def test_bench_command_runs_a_quick_section(tmp_path: Path) -> None:
+def test_bench_command_runs_a_quick_section_into_the_working_directory(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "moa_stream", "bench", "--quick", "--sections", "fanout", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "moa_stream", "bench", "--quick", "--sections", "fanout"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert fanout.TITLE in result.stdout
-    document = json.loads((tmp_path / "fanout.json").read_text())
+    document = json.loads((tmp_path / "moa-stream-bench" / "fanout.json").read_text())
     assert document["quick"] is True
     assert document["command"].startswith("moa-stream bench --quick")
+    assert "written: moa-stream-bench/fanout.json" in result.stdout
 
 
 def test_bench_command_names_the_same_sections_as_the_suite() -> None:
     assert list(_cli.BENCH_SECTIONS) == list(suite.SECTIONS)
 
 
-def test_bench_results_go_to_the_checkout_or_else_the_working_directory(tmp_path: Path) -> None:
-    import moa_stream.benchmarks.suite
-
-    # The editable install maps moa_stream.benchmarks onto benchmarks/ of this checkout.
-    checkout = Path(__file__).resolve().parent.parent / "benchmarks"
-    assert _cli.bench_out_dir(moa_stream.benchmarks.suite) == checkout / "results"
-    installed = types.ModuleType("moa_stream.benchmarks.suite")
-    installed.__file__ = str(tmp_path / "site-packages" / "moa_stream" / "benchmarks" / "suite.py")
-    (tmp_path / "site-packages" / "moa_stream" / "benchmarks").mkdir(parents=True)
-    assert _cli.bench_out_dir(installed) == Path("moa-stream-bench")
+def test_bench_results_go_to_the_working_directory_unless_asked_elsewhere(tmp_path: Path) -> None:
+    # Relative: wherever the command runs, never into the source tree or the installed package.
+    assert _cli.build_parser().parse_args(["bench"]).out_dir == Path("moa-stream-bench")
+    assert _cli.build_parser().parse_args(["bench", "--out-dir", str(tmp_path)]).out_dir == tmp_path
+    assert RESULTS_DIR == _cli.BENCH_OUT_DIR  # `python -m benchmarks` too
+    parser = argparse.ArgumentParser()
+    suite.add_arguments(parser)
+    assert parser.parse_args([]).out_dir == Path("moa-stream-bench")

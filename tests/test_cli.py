@@ -1,20 +1,26 @@
-"""The demo, on the embedded simulator and against an OpenAI-compatible server given by URL."""
+"""The demo, on the embedded simulator and against an OpenAI-compatible server given by URL; the
+command line's help and version."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import socket
 import subprocess
 import sys
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 import moa_stream
 from moa_stream._cli._demo import run_demo
-from moa_stream.testing import Simulator
+from moa_stream._cli._text import FAULT_HELP, describe_model
+from moa_stream.testing import Fault, FaultKind, SimModel, Simulator, default_simulator, sim_client
 
 from .conftest import MODELS, ServerThread
 
@@ -192,3 +198,92 @@ def test_demo_help_says_what_each_api_does(capsys: pytest.CaptureFixture[str]) -
     assert "client.chat.completions.create" in help_text
     assert "client.responses.create" in help_text
     assert "default: chat" in help_text
+
+
+# -- help and version -------------------------------------------------------------------------------
+
+
+def test_version_flag_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from moa_stream._cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"moa-stream {moa_stream.__version__}\n"
+
+
+def _commands(
+    parser: argparse.ArgumentParser, name: str = "moa-stream"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command, sub in action.choices.items():
+                yield from _commands(sub, f"{name} {command}")
+
+
+def test_every_command_has_a_description_and_shows_its_defaults() -> None:
+    from moa_stream._cli._main import build_parser
+
+    commands = dict(_commands(build_parser()))
+    assert {"moa-stream demo", "moa-stream sim", "moa-stream serve", "moa-stream bench"} <= set(commands)
+    for name, parser in commands.items():
+        assert parser.description, name
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+                continue
+            shown = str(action.default.__name__ if callable(action.default) else action.default)
+            help_text = " ".join((action.help or "").split())
+            assert "default" in help_text or f"{help_text} (default: {shown})" in text, (name, action.dest)
+
+
+def test_sim_help_lists_the_default_models_and_every_fault(capsys: pytest.CaptureFixture[str]) -> None:
+    from moa_stream._cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sim", "--help"])
+    text = capsys.readouterr().out
+    for model in default_simulator().models:
+        assert f"  {model.name}  " in text
+    assert "sim-large     first token after 0.6 s" in text
+    assert "x-sim-fault: KIND[;after=N][;stall=S]" in text
+    for kind in typing.get_args(FaultKind):
+        assert f"\n  {kind} " in text, kind
+    assert "(default: 8000)" in text
+
+
+def test_sim_help_describes_every_fault_kind_and_no_other() -> None:
+    assert set(FAULT_HELP) == set(typing.get_args(FaultKind))
+
+
+def test_sim_help_says_what_a_model_does() -> None:
+    slow = SimModel(name="slow", ttft_s=0.25, tokens_per_s=10, reply_tokens=5, reasoning_tokens=2, jitter=0.5)
+    assert describe_model(slow) == (
+        "first token after 0.25 s (times a lognormal of sigma 0.5, seeded by the request), 10 tokens/s, "
+        "5 words unless the request's token limit is lower, 2 words of reasoning first (reasoning_content; "
+        "Responses: a summary)"
+    )
+    assert describe_model(SimModel(name="bad", fault=Fault(kind="http_500"))).endswith(
+        "fault http_500 on every request"
+    )
+
+
+async def test_the_fault_header_works_as_sim_help_says() -> None:
+    client = sim_client(default_simulator(), max_retries=0)
+    hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    async with client:
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(
+                model="sim-small", messages=hi, extra_headers={"x-sim-fault": "http_429"}
+            )
+        with pytest.raises(openai.BadRequestError, match="x-sim-fault"):  # an unknown kind is a 400
+            await client.chat.completions.create(model="sim-small", messages=hi, extra_headers={"x-sim-fault": "nope"})
+        stream = await client.chat.completions.create(
+            model="sim-small", messages=hi, stream=True, extra_headers={"x-sim-fault": "stream_error;after=2"}
+        )
+        seen = 0
+        with pytest.raises(openai.APIError):
+            async for _ in stream:
+                seen += 1
+        assert seen == 2

