@@ -250,7 +250,7 @@ def test_sim_help_lists_the_default_models_and_every_fault(capsys: pytest.Captur
     assert "x-sim-fault: KIND[;after=N][;stall=S]" in text
     for kind in typing.get_args(FaultKind):
         assert f"\n  {kind} " in text, kind
-    assert "(default: 8000)" in text
+    assert "--port PORT port to bind; 0 takes any free one (default: 8000)" in " ".join(text.split())
 
 
 def test_sim_help_describes_every_fault_kind_and_no_other() -> None:

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     sim.add_argument("--host", default="127.0.0.1", help="address to bind")
-    sim.add_argument("--port", type=int, default=8000, help="port to bind; 0 takes a free one (the URL is printed)")
+    sim.add_argument("--port", type=int, default=8000, help="port to bind; 0 takes any free one")
 
     bench = commands.add_parser(
         "bench",
