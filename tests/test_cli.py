@@ -222,8 +222,10 @@ def _commands(
                 yield from _commands(sub, f"{name} {command}")
 
 
-def test_every_command_has_a_description_and_shows_its_defaults() -> None:
+def test_every_command_has_a_description_and_shows_its_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     from moa_stream._cli._main import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no line, or option name, broken across lines
 
     commands = dict(_commands(build_parser()))
     assert {"moa-stream demo", "moa-stream sim", "moa-stream serve", "moa-stream bench"} <= set(commands)
