@@ -187,8 +187,10 @@ def test_demo_command_runs_its_turn_through_the_api_asked_for(tmp_path: Path, ap
     )
 
 
-def test_demo_help_says_what_each_api_does(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_help_says_what_each_api_does(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from moa_stream._cli import main
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no name broken across lines, whatever the terminal
 
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--help"])
@@ -240,8 +242,12 @@ def test_every_command_has_a_description_and_shows_its_defaults(monkeypatch: pyt
             assert "default" in help_text or f"{help_text} (default: {shown})" in text, (name, action.dest)
 
 
-def test_sim_help_lists_the_default_models_and_every_fault(capsys: pytest.CaptureFixture[str]) -> None:
+def test_sim_help_lists_the_default_models_and_every_fault(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from moa_stream._cli import main
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no name broken across lines, whatever the terminal
 
     with pytest.raises(SystemExit):
         main(["sim", "--help"])
