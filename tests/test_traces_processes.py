@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -262,11 +263,11 @@ def test_readers_see_one_session_across_the_processes_that_wrote_it(
     writers = Counter(t.calls[0].input_messages[0]["content"].split()[0] for t in shared)
     assert writers == dict.fromkeys(tags, 2)
 
-    assert main(["traces", "stats", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(f"{tmp_path}: 4 files, 12 turns, 12 calls\n")
-    [row] = [line.split() for line in out.splitlines() if line.startswith(f"{SESSION} ")]
-    assert row[1:3] == ["6", "6"]  # turns, calls: every replica's
+    assert main(["traces", "stats", str(tmp_path), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["total"]["turns"], stats["total"]["calls"], stats["files"]) == (12, 12, 4)
+    [row] = [row for row in stats["by_session"] if row["name"] == SESSION]
+    assert (row["turns"], row["calls"]) == (6, 6)  # every replica's
     for trace in shared:  # any replica's turn, found in the one session file
         assert main(["traces", "show", str(tmp_path / f"{SESSION}.jsonl"), "--turn", trace.turn_id]) == 0
         assert f"turn     {trace.turn_id}" in capsys.readouterr().out
