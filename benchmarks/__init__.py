@@ -10,6 +10,6 @@ and non-streamed calls). `endpoint` measures any OpenAI-compatible endpoint inst
 
 Installed as `moa_stream.benchmarks`: run `moa-stream bench [--quick] [--sections ...]` anywhere, or
 `python -m benchmarks` in a source checkout. Each section prints a table, writes `<section>.json`
-and, with matplotlib installed (the `bench` extra), `<section>.png` to `--out-dir`
-(`benchmarks/results` in a source checkout, else `./moa-stream-bench`).
+and, with matplotlib installed (the `bench` extra), `<section>.png` to `--out-dir` (default:
+`./moa-stream-bench` in the working directory, never the source tree).
 """

@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out-dir",
         type=Path,
         default=RESULTS_DIR,
-        help="where JSON and PNG files go (default: benchmarks/results)",
+        help="where JSON and PNG files go (default: ./moa-stream-bench)",
     )
 
 
