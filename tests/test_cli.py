@@ -295,3 +295,19 @@ async def test_the_fault_header_works_as_sim_help_says() -> None:
             async for _ in stream:
                 seen += 1
         assert seen == 2
+
+
+def test_sim_on_a_port_in_use_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from moa_stream._cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["sim", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"moa-stream sim: cannot listen on 127.0.0.1:{port}: ")
+    assert "--port 0 takes a free one" in err
+    assert "Traceback" not in err

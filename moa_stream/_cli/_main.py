@@ -54,8 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _local(lambda: _serve_local(args.host, args.port))
     if args.command == "demo":
         return _demo(args, args.command_parser)
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(_serve_simulator, args.host, args.port)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(_serve_simulator, args.host, args.port)
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        reason = exc.strerror or str(exc)
+        print(
+            f"moa-stream sim: cannot listen on {args.host}:{args.port}: {reason} (--port 0 takes a free one)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
