@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import msgspec
 import pytest
 
 import moa_stream
@@ -12,6 +13,7 @@ from moa_stream._print import describe
 from moa_stream.testing import SimModel, Simulator, sim_client
 
 from .conftest import EventLog
+from .test_traces import trace_record
 
 
 async def test_a_moa_turn_prints_short_lines_on_stderr_and_nothing_on_stdout(
@@ -34,21 +36,9 @@ async def test_a_moa_turn_prints_short_lines_on_stderr_and_nothing_on_stdout(
 
 
 def test_a_refused_turn_says_why() -> None:
-    end = moa_stream.TurnEnd(
-        turn_id="t",
-        session_id="s",
+    end = msgspec.structs.replace(
+        trace_record().end,
         model="moa:duo",
-        calls=0,
-        failed_calls=0,
-        input_tokens=0,
-        cached_input_tokens=0,
-        output_tokens=0,
-        reasoning_tokens=0,
-        usage_complete=True,
-        cost_usd=0.0,
-        cost_complete=True,
-        started_at=0.0,
-        duration_s=0.01,
         status="error",
         error="moa_stream budget exceeded: the session limit session.calls is 3 calls",
     )
