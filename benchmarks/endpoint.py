@@ -56,6 +56,7 @@ import openai
 import moa_stream
 from moa_stream import Preset, Slot
 from moa_stream._redact import scrub
+from moa_stream._redact import url_without_credentials as shown_url
 from moa_stream._sdk import default_http_module
 from moa_stream._server._command import is_loopback as is_loopback_host
 
@@ -138,15 +139,6 @@ def api_key(config: EndpointConfig) -> str:
         f"${name} is not set: export the API key for {shown_url(config.base_url)} there"
         + ("" if config.api_key_env else ", or name the variable that holds it with --api-key-env")
     )
-
-
-def shown_url(base_url: str) -> str:
-    """`base_url` without credentials in its user-info part, for output and the JSON file."""
-    parts = urllib.parse.urlsplit(base_url)
-    if "@" not in parts.netloc:
-        return base_url
-    # Everything after the last "@" is the host and port, as written.
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def describe_failure(exc: Exception, *, base_url: str, model: str, key_env: str) -> str:

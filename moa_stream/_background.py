@@ -25,7 +25,7 @@ from ._meter import Call
 from ._responses_reader import ResponsesReader
 from ._responses_wire import Response, add_response_body, finished, response_decoder
 from ._sdk import for_module
-from ._tee import TeeStream
+from ._tee import TeeStream, decoded_body
 
 DEFAULT_PENDING = 1_000
 """Background responses held open at once per client."""
@@ -136,10 +136,7 @@ async def _hand_over(engine: Any, http: ModuleType, response_id: str, response: 
         raw = b"".join([chunk async for chunk in response.stream])
     finally:
         await response.aclose()
-    body = raw
-    if encoding and encoding != "identity":
-        # A throwaway response decodes gzip/deflate/brotli exactly as the caller's client will.
-        body = bytes(http.Response(200, headers=[("content-encoding", encoding)], content=raw).read())
+    body = decoded_body(http, raw, encoding)
     try:
         done = finished(response_decoder.decode(body))
     except Exception:

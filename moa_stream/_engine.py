@@ -41,6 +41,9 @@ from ._transcripts import Transcripts
 _SIDECAR_SINK = "session_store"
 
 
+_NO_LIMITS = Limits()
+
+
 class _State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
@@ -183,7 +186,7 @@ class Engine:
 
     async def reserve(self, turn: Turn, holds: list[Hold]) -> tuple[list[Hold], BudgetBreach | None]:
         policy = turn.policy
-        scopes = [ScopeLimits("session", turn.session_id, policy.budget.session if policy is not None else Limits())]
+        scopes = [ScopeLimits("session", turn.session_id, policy.budget.session if policy is not None else _NO_LIMITS)]
         key_limits = self.key_limits.get(turn.key_id) if turn.key_id is not None else None
         if key_limits is not None:
             scopes.append(ScopeLimits("key", turn.key_id or "", key_limits))

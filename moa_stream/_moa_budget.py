@@ -80,10 +80,11 @@ async def plan_layer(
         return LayerPlan(holds={}, refused=refused)
     if policy == "refuse" and refused is not None:
         return LayerPlan(holds={}, refused=refused)
+    running = {hold.label: hold for hold in holds if hold.call_id in kept}
     return LayerPlan(
-        holds={hold.label: hold for hold in holds if hold.call_id in kept},
+        holds=running,
         aggregator=aggregator,
-        left_out=[slot.label for slot in layer if not any(h.label == slot.label and h.call_id in kept for h in holds)],
+        left_out=[slot.label for slot in layer if slot.label not in running],
         short=refused if isinstance(refused, BudgetBreach) else None,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -109,3 +110,12 @@ def _tool_call(call: Any, redactor: Redactor) -> Any:
     if isinstance(function, dict) and isinstance(function.get("arguments"), str):
         return {**call, "function": {**function, "arguments": redactor(function["arguments"])}}
     return call
+
+
+def url_without_credentials(url: str) -> str:
+    """`url` without a user or password in its user-info part: what output, logs and errors may show."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    # Everything after the last "@" is the host and port, as written.
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

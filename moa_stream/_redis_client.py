@@ -1,10 +1,8 @@
-"""Clients of the Redis store (redis-py, the `redis` extra, imported only here and by the store),
-and the store's URL as errors may name it."""
+"""Clients of the Redis store (redis-py, the `redis` extra, imported only here and by the store)."""
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from ._store import StoreConfig
 
@@ -36,13 +34,3 @@ def connect(config: StoreConfig, *, blocking: bool = False) -> Any:
         retry=retry,
         retry_on_error=[redis.exceptions.ConnectionError],
     )
-
-
-def redacted_url(url: str) -> str:
-    """The URL without its user and password: what errors and logs may name."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

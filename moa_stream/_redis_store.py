@@ -23,8 +23,9 @@ from ._events import CallUsage, TurnEnd
 from ._holds import Hold, ScopeLimits
 from ._loop_thread import LoopThread
 from ._quirks import UpstreamQuirks
+from ._redact import url_without_credentials
 from ._redis_cache import SharedReferences
-from ._redis_client import connect, redacted_url
+from ._redis_client import connect
 from ._redis_keys import FORMAT, Keys, decode_budget, decode_value, ledger_of, limit_name, totals_of
 from ._redis_lua import (
     BACKGROUND_FORGET,
@@ -62,7 +63,7 @@ def open_store(config: StoreConfig) -> Store:
         import redis.asyncio  # noqa: F401
     except ImportError:
         raise ConfigError(
-            f"store={redacted_url(config.url)!r} needs the redis client: pip install 'moa-stream[redis]'"
+            f"store={url_without_credentials(config.url)!r} needs the redis client: pip install 'moa-stream[redis]'"
         ) from None
     return RedisStore(config)
 
@@ -70,11 +71,9 @@ def open_store(config: StoreConfig) -> Store:
 class RedisStore:
     """A `Store` on Redis (see the module doc); one per wrapped client, closed with it."""
 
-    shared = True
-
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
-        self.where = redacted_url(config.url)
+        self.where = url_without_credentials(config.url)
         self.keys = Keys(config.prefix)
         self._lease_ms = int(config.lease_s * 1000)
         self._idle_ms = int(config.idle_s * 1000)

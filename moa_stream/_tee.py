@@ -201,15 +201,7 @@ class TeeStream:
             call.end(*ending)
 
     def _decoded_body(self) -> bytes:
-        raw = b"".join(self._body)
-        if not self._content_encoding or self._content_encoding == "identity":
-            return raw
-        try:
-            # A throwaway response decodes gzip/deflate/brotli exactly as the caller's client will.
-            response = self._http.Response(200, headers=[("content-encoding", self._content_encoding)], content=raw)
-            return bytes(response.read())
-        except Exception:
-            return raw
+        return decoded_body(self._http, b"".join(self._body), self._content_encoding)
 
     def _status_on_close(self, exc: BaseException | None) -> tuple[CallStatus, str | None]:
         buffer = self._call.buffer
@@ -220,3 +212,15 @@ class TeeStream:
         if self._reader.done or self._reader.answered():
             return "completed", None
         return "closed_early", None
+
+
+def decoded_body(http: ModuleType, raw: bytes, content_encoding: str | None) -> bytes:
+    """A whole body as its bytes were sent, decoded as the caller's client will (gzip, deflate,
+    brotli), or as it is when it cannot be."""
+    if not content_encoding or content_encoding == "identity":
+        return raw
+    try:
+        # A throwaway response decodes exactly as the caller's client will.
+        return bytes(http.Response(200, headers=[("content-encoding", content_encoding)], content=raw).read())
+    except Exception:
+        return raw

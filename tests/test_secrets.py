@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import msgspec
 import openai
 import pytest
 
@@ -163,8 +164,10 @@ async def test_credentials_echoed_by_an_upstream_error_appear_in_no_event_trace_
 
 
 def test_redaction_reaches_every_text_of_a_responses_request() -> None:
-    from moa_stream._events import CallRecord, CallUsage, TurnEnd, TurnTrace
+    from moa_stream._events import CallRecord, CallUsage
     from moa_stream._redact import redact_trace
+
+    from .test_traces import trace_record
 
     usage = CallUsage(call_id="c", turn_id="t", session_id="s", role="direct", label="m", model="m", provider="p",
                       started_at=0.0, duration_s=0.0, status="completed")  # fmt: skip
@@ -185,10 +188,7 @@ def test_redaction_reaches_every_text_of_a_responses_request() -> None:
         usage=usage,
         instructions="be SECRET-5",
     )
-    end = TurnEnd(turn_id="t", session_id="s", model="m", calls=1, failed_calls=0, input_tokens=0,
-                  cached_input_tokens=0, output_tokens=0, reasoning_tokens=0, usage_complete=True, cost_usd=0.0,
-                  cost_complete=True, started_at=0.0, duration_s=0.0, status="completed")  # fmt: skip
-    trace = TurnTrace(turn_id="t", session_id="s", model="m", calls=[record], end=end)
+    trace = msgspec.structs.replace(trace_record(), calls=[record])
     redacted = redact_trace(trace, lambda text: text.replace("SECRET", "[X]"))
     assert "SECRET" not in moa_stream.event_encoder.encode(redacted).decode()
     assert redacted.calls[0].instructions == "be [X]-5"

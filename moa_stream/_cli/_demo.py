@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from .._config import load_config
 from .._events import Aggregating, CallUsage, Event, ReferenceDone, ReferenceStarted, TurnTrace
 from .._presets import Preset, Slot, self_moa
+from .._redact import url_without_credentials as shown_url
 from .._server._command import is_loopback
 from .._session import session
 from .._wrap import wrap
@@ -316,12 +317,6 @@ def _message(body: object) -> str | None:
 def _cut(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 1] + "\N{HORIZONTAL ELLIPSIS}"
-
-
-def shown_url(url: str) -> str:
-    """`url` without a user or password it may carry."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 async def run_local_demo(*, trace_dir: Path, api: DemoApi = "chat", out: TextIO | None = None) -> list[CallUsage]:
